@@ -1,0 +1,245 @@
+"""Model adapters: whatever a network predicts, a denoiser returns one ``Prediction(x0, eps)``.
+
+A *denoiser* is any object with a ``schedule`` attribute and ``__call__(x, t, **kwargs) -> Prediction``
+where ``t`` is a python float in the schedule's native time. ``Model`` makes one from a network
+``net(x, t_batch, **kwargs) -> Tensor``; ``GaussianMixture`` is an exact analytic one (NOTES section 7).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import torch
+
+from bdia.linalg import lincomb
+from bdia.schedules import Coefficients, Schedule
+
+__all__ = ["CFG", "PREDICTIONS", "Denoiser", "GaussianMixture", "Model", "Prediction"]
+
+
+class Prediction(NamedTuple):
+    """The model's estimate of the clean data and of the noise at ``(x, t)``: ``x = alpha x0 + sigma eps``."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+class Denoiser(Protocol):
+    schedule: Schedule
+
+    def __call__(self, x: torch.Tensor, t: float, **kwargs: Any) -> Prediction: ...
+
+
+# A parametrisation maps (alpha, sigma, alpha', sigma') to the 2x2 matrix that turns (x, output) into
+# (x0, eps): x0 = a x + b out, eps = c x + d out. Each is the closed form that is well conditioned for
+# its output (no division by alpha for v or velocity; eps *is* the output for epsilon models).
+Parametrisation = Callable[[Coefficients], tuple[float, float, float, float]]
+
+
+def _epsilon(k: Coefficients) -> tuple[float, float, float, float]:
+    return 1.0 / k.alpha, -k.sigma / k.alpha, 0.0, 1.0
+
+
+def _sample(k: Coefficients) -> tuple[float, float, float, float]:
+    return 0.0, 1.0, 1.0 / k.sigma, -k.alpha / k.sigma
+
+
+def _v(k: Coefficients) -> tuple[float, float, float, float]:
+    # v = alpha eps - sigma x0 (Salimans & Ho); the general inverse, which is alpha x - sigma v for VP
+    n = k.alpha * k.alpha + k.sigma * k.sigma
+    return k.alpha / n, -k.sigma / n, k.sigma / n, k.alpha / n
+
+
+def _velocity(k: Coefficients) -> tuple[float, float, float, float]:
+    # u = dx/dt = alpha' x0 + sigma' eps (rectified flow: u = eps - x0, then x0 = x - t u, eps = x + (1-t) u)
+    det = k.alpha * k.dsigma - k.sigma * k.dalpha
+    return k.dsigma / det, -k.sigma / det, -k.dalpha / det, k.alpha / det
+
+
+PREDICTIONS: dict[str, Parametrisation] = {
+    "epsilon": _epsilon,
+    "sample": _sample,
+    "v": _v,
+    "velocity": _velocity,
+}
+
+
+def _safe(f: Parametrisation, k: Coefficients) -> tuple[float, float, float, float]:
+    try:
+        return f(k)
+    except ZeroDivisionError:
+        # e.g. an epsilon model at alpha = 0: x0 is undefined there; let it show as non-finite values
+        return tuple(math.nan for _ in range(4))  # type: ignore[return-value]
+
+
+class Model:
+    """Wrap a network ``net(x, t, **kwargs)`` into a denoiser.
+
+    ``prediction``: ``"epsilon"``, ``"sample"`` (x0), ``"v"`` or ``"velocity"`` (the ODE velocity dx/dt,
+    e.g. rectified flow's ``eps - x0``), or a callable mapping ``Coefficients`` to the 2x2 matrix above.
+    ``net`` receives ``t`` as a tensor of shape ``(batch,)`` in the schedule's native time, of dtype
+    ``time_dtype`` (default: the state's dtype, float32 for half precision states so that integer
+    timesteps such as 981 stay exact).
+    """
+
+    def __init__(
+        self,
+        net: Callable[..., torch.Tensor],
+        schedule: Schedule,
+        prediction: str | Parametrisation = "epsilon",
+        *,
+        time_dtype: torch.dtype | None = None,
+    ):
+        if not callable(net):
+            raise TypeError(f"net must be callable as net(x, t, **kwargs), got {type(net).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a bdia.schedules.Schedule, got {type(schedule).__name__}")
+        if isinstance(prediction, str):
+            if prediction not in PREDICTIONS:
+                raise ValueError(f"unknown prediction={prediction!r}; expected one of {sorted(PREDICTIONS)}")
+            self._param = PREDICTIONS[prediction]
+        elif callable(prediction):
+            self._param = prediction
+        else:
+            raise TypeError(f"prediction must be a name in {sorted(PREDICTIONS)} or a callable")
+        self.net, self.schedule, self.prediction, self.time_dtype = net, schedule, prediction, time_dtype
+
+    def __call__(self, x: torch.Tensor, t: float, **kwargs: Any) -> Prediction:
+        k = self.schedule.at(t)
+        dtype = self.time_dtype or (x.dtype if x.element_size() >= 4 else torch.float32)
+        out = self.net(x, torch.full((x.shape[0],), t, dtype=dtype, device=x.device), **kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"net output must be a tensor shaped like x {tuple(x.shape)}, got {got}")
+        if out.dtype != x.dtype:
+            raise TypeError(f"net output dtype {out.dtype} differs from the state's {x.dtype}")
+        a, b, c, d = _safe(self._param, k)
+        return Prediction(lincomb((a, x), (b, out)), lincomb((c, x), (d, out)))
+
+    def __repr__(self) -> str:
+        return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule}, {self.prediction!r})"
+
+
+class CFG:
+    """Classifier-free guidance (Ho & Salimans 2022) on a network's output, in one batched call.
+
+    ``CFG(net, scale, **uncond)`` is itself a network: called with conditioning ``**cond`` it runs
+    ``net(cat[x, x], cat[t, t], **cat[uncond, cond])`` once and returns ``u + scale (c - u)``.
+    Every conditioning keyword must have an unconditional counterpart; tensors of batch 1 are
+    broadcast to the batch. Guidance acts on the output before any step, so it preserves exact inversion.
+    """
+
+    def __init__(self, net: Callable[..., torch.Tensor], scale: float | torch.Tensor, **uncond: Any):
+        if not callable(net):
+            raise TypeError("net must be callable")
+        self.net, self.scale, self.uncond = net, scale, uncond
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        if set(cond) != set(self.uncond):
+            raise ValueError(
+                f"CFG needs the same conditioning keywords as its unconditional ones: got {sorted(cond)}, "
+                f"unconditional {sorted(self.uncond)}"
+            )
+        B = x.shape[0]
+        kw = {k: _cat_batch(k, self.uncond[k], cond[k], B) for k in cond}
+        u, c = self.net(torch.cat([x, x]), torch.cat([t, t]), **kw).chunk(2)
+        s = self.scale
+        if isinstance(s, torch.Tensor):
+            s = s.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return lincomb((1.0, u), (s, c), (-s, u))
+
+
+def _cat_batch(name: str, u: Any, c: Any, B: int) -> Any:
+    if not isinstance(c, torch.Tensor):
+        if c != u:
+            raise ValueError(f"non-tensor conditioning {name!r} must equal its unconditional value")
+        return c
+
+    def fit(v: torch.Tensor, what: str) -> torch.Tensor:
+        if v.shape[0] == B:
+            return v
+        if v.shape[0] == 1:
+            return v.expand(B, *v.shape[1:])
+        raise ValueError(f"{what} conditioning {name!r} has batch {v.shape[0]}, expected 1 or {B}")
+
+    return torch.cat([fit(torch.as_tensor(u, device=c.device), "unconditional"), fit(c, "conditional")])
+
+
+class GaussianMixture:
+    """Exact denoiser for data ``sum_k w_k N(mu_k, s_k^2 I)`` under any schedule (NOTES section 7).
+
+    The noised marginal is ``sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I)``, so ``x0_hat`` and
+    ``eps_hat`` (posterior means) are closed-form: a softmax over components, computed in float64 and
+    returned in the state's dtype. The optional keyword ``labels`` (LongTensor of shape ``(batch,)``)
+    conditions on a component; label ``-1`` means unconditional.
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        means: torch.Tensor,
+        stds: float | torch.Tensor = 0.1,
+        weights: torch.Tensor | None = None,
+    ):
+        self.schedule = schedule
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        if self.means.dim() != 2:
+            raise ValueError(f"means must be (components, dim), got shape {tuple(self.means.shape)}")
+        K = self.means.shape[0]
+        self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()
+        if not bool((self.stds > 0).all()):
+            raise ValueError("stds must be > 0")
+        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
+        if w.shape != (K,) or not bool((w > 0).all()):
+            raise ValueError(f"weights must be {K} positive numbers")
+        self.weights = w / w.sum()
+
+    @classmethod
+    def random(
+        cls, schedule: Schedule, dim: int = 2, components: int = 4, std: float = 0.3, seed: int = 0
+    ) -> GaussianMixture:
+        """A reproducible mixture whose means lie on the sphere of radius sqrt(dim) (data of unit scale)."""
+        g = torch.Generator().manual_seed(seed)
+        mu = torch.randn(components, dim, generator=g, dtype=torch.float64)
+        mu = mu / mu.norm(dim=1, keepdim=True) * math.sqrt(dim) * (1 - std**2) ** 0.5
+        w = 0.5 + torch.rand(components, generator=g, dtype=torch.float64)
+        return cls(schedule, mu, std, w)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` exact draws from the data distribution, float64, shape ``(n, dim)``."""
+        if labels is None:
+            labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return self.means[labels] + self.stds[labels, None] * z
+
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, **_: Any) -> Prediction:
+        k = self.schedule.at(t)
+        B = x.shape[0]
+        if x[0].numel() != self.dim:
+            raise ValueError(f"x has {x[0].numel()} elements per sample, the mixture has dim {self.dim}")
+        xf = x.reshape(B, self.dim).to(torch.float64)
+        mu, s2 = self.means.to(xf.device), self.stds.to(xf.device) ** 2
+        v = k.alpha**2 * s2 + k.sigma**2  # (K,)
+        diff = xf[:, None, :] - k.alpha * mu[None]  # (B, K, D)
+        logits = (
+            self.weights.to(xf.device).log()
+            - 0.5 * diff.pow(2).sum(-1) / v
+            - 0.5 * self.dim * v.log()
+        )
+        if labels is not None:
+            labels = labels.to(xf.device)
+            keep = (labels[:, None] < 0) | (labels[:, None] == torch.arange(len(v), device=xf.device))
+            logits = logits.masked_fill(~keep, -math.inf)
+        r = torch.softmax(logits, dim=1)[..., None]  # (B, K, 1)
+        x0 = (r * (mu[None] + (k.alpha * s2 / v)[None, :, None] * diff)).sum(1)
+        eps = (r * ((k.sigma / v)[None, :, None] * diff)).sum(1)
+        return Prediction(x0.reshape(x.shape).to(x.dtype), eps.reshape(x.shape).to(x.dtype))
+
+    def __repr__(self) -> str:
+        return f"GaussianMixture(components={self.means.shape[0]}, dim={self.dim}, {self.schedule})"

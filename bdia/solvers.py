@@ -1,0 +1,233 @@
+"""Integrators (one-step maps) and reversible solvers (BDIA) on an explicit ``State``.
+
+Every solver offers three pure functions of a denoiser, a state and the grid times:
+
+- ``init(model, x, t, t_next)``: start a walk from a lone latent at ``t`` (returns a state);
+- ``step(model, state, t_next)``: advance to ``t_next`` (returns ``State(state.x, x_next, state.t, t_next)``);
+- ``unstep(model, state, t_prev)``: the inverse of ``step``: rebuild the point at ``t_prev`` that came
+  before ``state.x_prev`` (returns ``State(x_rebuilt, state.x_prev, t_prev, state.t_prev)``).
+
+An integrator is itself a (one-step) solver: its ``step`` ignores ``x_prev`` and its ``unstep`` is the
+classic approximate inversion (one integrator step from the front of the inversion walk).
+Each integrator writes its step as a list of ``(coefficient, tensor)`` terms, so that a wrapper such
+as BDIA can fuse its whole update into a single linear combination with float64 coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from bdia.linalg import Coef, lincomb
+from bdia.models import Denoiser, Prediction
+from bdia.schedules import Schedule
+from bdia.state import State
+
+__all__ = ["BDIA", "DDIM", "Euler", "Heun", "Integrator", "Terms", "obelm_gamma"]
+
+Terms = list[tuple[Coef, torch.Tensor]]
+GammaFn = Callable[[Schedule, float, float, float], float]
+
+
+class Integrator(ABC):
+    """A one-step map ``Phi(x; t -> s)`` of the probability-flow ODE that can reuse an evaluation at its start."""
+
+    order: int
+    nfe: int  # model evaluations per step, the one at the start point included
+
+    @abstractmethod
+    def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
+        """``Phi(x; t -> s)`` as terms of a linear combination, given the prediction ``pred`` at ``(x, t)``."""
+
+    @property
+    def first_order(self) -> Integrator:
+        """The first-order step that uses only the evaluation at the start (BDIA's default backward step)."""
+        return self
+
+    def __call__(
+        self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction | None = None, **kw: Any
+    ) -> torch.Tensor:
+        if pred is None:
+            pred = model(x, t, **kw)
+        return lincomb(*self.terms(model, x, t, s, pred, **kw))
+
+    def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
+        return State(x, self(model, x, t, t_next, **kw), t, t_next)
+
+    def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
+        return self.init(model, state.x, state.t, t_next, **kw)
+
+    def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
+        # Not an exact inverse: the classic (DDIM-style) inversion evaluates the model at the front of
+        # the inversion walk, state.x_prev, instead of at the unknown point it is solving for.
+        return State(self(model, state.x_prev, state.t_prev, t_prev, **kw), state.x_prev, t_prev, state.t_prev)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Euler(Integrator):
+    """Explicit Euler on ``dx/dt = alpha'(t) x0 + sigma'(t) eps`` in the schedule's native time. Order 1, 1 NFE.
+
+    For EDM (alpha = 1, sigma = t) and rectified flow it coincides with DDIM; for VP in native time it does not.
+    """
+
+    order, nfe = 1, 1
+
+    def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
+        k, h = model.schedule.at(t), s - t
+        return [(1.0, x), (h * k.dalpha, pred.x0), (h * k.dsigma, pred.eps)]
+
+
+class DDIM(Integrator):
+    """DDIM (Song et al. 2021, eq. 12 with eta = 0): ``alpha(s) x0 + sigma(s) eps``. Order 1, 1 NFE.
+
+    The exact solution of the scaled ODE ``d(x/alpha)/d(sigma/alpha) = eps`` when eps is held constant.
+    """
+
+    order, nfe = 1, 1
+
+    def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
+        k = model.schedule.at(s)
+        return [(k.alpha, pred.x0), (k.sigma, pred.eps)]
+
+
+class Heun(Integrator):
+    """Heun's method (Karras et al. 2022, Algorithm 1, in its general alpha/sigma form). Order 2, 2 NFE.
+
+    An Euler predictor in native time, then the trapezoidal average of the slopes at both ends; a step
+    that ends at sigma = 0 keeps the Euler step (so N steps to sigma = 0 cost 2N - 1 evaluations).
+    """
+
+    order, nfe = 2, 2
+
+    @property
+    def first_order(self) -> Integrator:
+        return Euler()
+
+    def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
+        euler = Euler().terms(model, x, t, s, pred)
+        ks = model.schedule.at(s)
+        if ks.sigma == 0:
+            return euler
+        k, h = model.schedule.at(t), s - t
+        end = model(lincomb(*euler), s, **kw)
+        return [
+            (1.0, x),
+            (0.5 * h * k.dalpha, pred.x0),
+            (0.5 * h * k.dsigma, pred.eps),
+            (0.5 * h * ks.dalpha, end.x0),
+            (0.5 * h * ks.dsigma, end.eps),
+        ]
+
+
+def obelm_gamma(schedule: Schedule, t_prev: float, t: float, t_next: float) -> float:
+    """O-BELM (Wang et al. 2024) as a per-step BDIA gamma (NOTES section 3).
+
+    In scaled time ``sbar = sigma/alpha`` with ``h_i = sbar(t) - sbar(t_next)`` and
+    ``h_{i+1} = sbar(t_prev) - sbar(t)``: ``gamma_i = (h_i / h_{i+1})^2 alpha(t_next) / alpha(t_prev)``.
+    """
+    sb = schedule.snr_sbar
+    h_i, h_ip1 = sb(t) - sb(t_next), sb(t_prev) - sb(t)
+    if math.isinf(h_ip1):  # the previous point is pure noise (alpha = 0): no usable history
+        return 0.0
+    return (h_i / h_ip1) ** 2 * schedule.at(t_next).alpha / schedule.at(t_prev).alpha
+
+
+def _scaled(c: Coef, terms: Terms) -> Terms:
+    return [(c * a, T) for a, T in terms]
+
+
+class BDIA:
+    """BDIA (Zhang, Lewis & Kleijn, ECCV 2024, arXiv 2307.10829, eq. 14): an exactly invertible two-step scheme.
+
+    ``x_next = Phi(x; t -> t_next) + gamma (x_prev - Phi_b(x; t -> t_prev))`` and its inverse
+    ``x_prev = Phi_b(x; t -> t_prev) + (x_next - Phi(x; t -> t_next)) / gamma``.
+
+    ``integrator`` is ``Phi``; ``backward`` is ``Phi_b``, by default the integrator's first-order step that
+    reuses the shared evaluation at ``x`` (so BDIA over DDIM or Euler costs 1 NFE per step, over Heun 2).
+    ``gamma`` is a float in [0, 1], a per-sample tensor of shape ``(batch,)``, or a per-step function
+    ``gamma(schedule, t_prev, t, t_next) -> float`` (e.g. ``obelm_gamma``). gamma = 0 is the plain
+    integrator; gamma = 1 the paper's default. Order: that of a leapfrog-type scheme (2) for gamma = 1 over
+    DDIM on smooth grids, 1 for constant gamma < 1. Inversion divides by gamma: its rounding errors grow
+    like ``gamma^-N`` (NOTES section 4), and inverting with gamma = 0 is an error.
+    """
+
+    def __init__(
+        self,
+        integrator: Integrator | None = None,
+        gamma: float | torch.Tensor | GammaFn = 1.0,
+        backward: Integrator | None = None,
+    ):
+        self.integrator = DDIM() if integrator is None else integrator
+        if not isinstance(self.integrator, Integrator):
+            raise TypeError(f"integrator must be a bdia.solvers.Integrator, got {type(self.integrator).__name__}")
+        self.backward = self.integrator.first_order if backward is None else backward
+        if not isinstance(self.backward, Integrator):
+            raise TypeError(f"backward must be a bdia.solvers.Integrator, got {type(self.backward).__name__}")
+        if isinstance(gamma, bool) or not isinstance(gamma, int | float | torch.Tensor) and not callable(gamma):
+            raise TypeError(f"gamma must be a float, a (batch,) tensor or a function, got {type(gamma).__name__}")
+        if isinstance(gamma, int | float):
+            gamma = float(gamma)
+            _check_gamma(gamma)
+        elif isinstance(gamma, torch.Tensor):
+            if gamma.dim() != 1 or not gamma.is_floating_point():
+                raise ValueError(f"a gamma tensor must be 1-D floating point (one per sample), got {gamma.dtype} "
+                                 f"of shape {tuple(gamma.shape)}")
+            lo, hi = float(gamma.min()), float(gamma.max())  # once, at construction (not in the step loop)
+            _check_gamma(lo), _check_gamma(hi)
+            self._gamma_min = lo
+        self.gamma = gamma
+        self.nfe = self.integrator.nfe + self.backward.nfe - 1
+        self.order = min(self.integrator.order, 2)
+
+    def _gamma_at(self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float) -> Coef:
+        g = self.gamma
+        if isinstance(g, float):
+            return g
+        if isinstance(g, torch.Tensor):
+            if g.shape[0] != x.shape[0]:
+                raise ValueError(f"gamma has {g.shape[0]} entries but the batch has {x.shape[0]} samples")
+            return g.to(device=x.device, dtype=torch.float64).reshape(-1, *([1] * (x.dim() - 1)))
+        value = g(model.schedule, t_prev, t, t_next)
+        if isinstance(value, torch.Tensor):
+            return value
+        value = float(value)
+        _check_gamma(value, where=f" at t_prev={t_prev}, t={t}, t_next={t_next}")
+        return value
+
+    def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
+        """A walk starts with one plain integrator step (there is no earlier point to correct with)."""
+        return self.integrator.init(model, x, t, t_next, **kw)
+
+    def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
+        x, t = state.x, state.t
+        g = self._gamma_at(model, x, state.t_prev, t, t_next)
+        pred = model(x, t, **kw)
+        forward = self.integrator.terms(model, x, t, t_next, pred, **kw)
+        back = self.backward.terms(model, x, t, state.t_prev, pred, **kw)
+        return State(x, lincomb((g, state.x_prev), *forward, *_scaled(-g, back)), t, t_next)
+
+    def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
+        x, t = state.x_prev, state.t_prev  # the shared point x_i
+        g = self._gamma_at(model, x, t_prev, t, state.t)
+        if isinstance(g, float) and g == 0 or isinstance(self.gamma, torch.Tensor) and self._gamma_min == 0:
+            raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
+        inv = 1.0 / g
+        pred = model(x, t, **kw)
+        forward = self.integrator.terms(model, x, t, state.t, pred, **kw)
+        back = self.backward.terms(model, x, t, t_prev, pred, **kw)
+        return State(lincomb((inv, state.x), *back, *_scaled(-inv, forward)), x, t_prev, t)
+
+    def __repr__(self) -> str:
+        g = getattr(self.gamma, "__name__", self.gamma)
+        return f"BDIA({self.integrator!r}, gamma={g}, backward={self.backward!r})"
+
+
+def _check_gamma(g: float, where: str = "") -> None:
+    if not (0.0 <= g <= 1.0):
+        raise ValueError(f"gamma must lie in [0, 1]{where}, got {g} (gamma > 1 makes sampling unstable)")
