@@ -211,7 +211,9 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def sample(self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``n`` exact draws from the data distribution, float64, shape ``(n, dim)``."""
         if labels is None:
             labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -227,11 +229,7 @@ class GaussianMixture:
         mu, s2 = self.means.to(xf.device), self.stds.to(xf.device) ** 2
         v = k.alpha**2 * s2 + k.sigma**2  # (K,)
         diff = xf[:, None, :] - k.alpha * mu[None]  # (B, K, D)
-        logits = (
-            self.weights.to(xf.device).log()
-            - 0.5 * diff.pow(2).sum(-1) / v
-            - 0.5 * self.dim * v.log()
-        )
+        logits = self.weights.to(xf.device).log() - 0.5 * diff.pow(2).sum(-1) / v - 0.5 * self.dim * v.log()
         if labels is not None:
             labels = labels.to(xf.device)
             keep = (labels[:, None] < 0) | (labels[:, None] == torch.arange(len(v), device=xf.device))

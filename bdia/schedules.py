@@ -9,6 +9,7 @@ the discrete one). Times are python floats (IEEE float64) in the step loop: no t
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -40,9 +41,7 @@ class Schedule(ABC):
     def at(self, t: float) -> Coefficients:
         """alpha, sigma and their time derivatives at native time ``t`` (a python float)."""
         if not (self.t_min <= t <= self.t_max):
-            raise ValueError(
-                f"time t={t!r} is outside {type(self).__name__}'s range [{self.t_min}, {self.t_max}]"
-            )
+            raise ValueError(f"time t={t!r} is outside {type(self).__name__}'s range [{self.t_min}, {self.t_max}]")
         return self._at(t)
 
     def alpha_sigma(self, t: float) -> tuple[float, float]:
@@ -70,7 +69,7 @@ def check_grid(ts: torch.Tensor, schedule: Schedule | None = None, name: str = "
     times = ts.tolist()
     if not all(math.isfinite(t) for t in times):
         raise ValueError(f"{name} contains non-finite times: {times}")
-    if not all(a > b for a, b in zip(times, times[1:], strict=False)):
+    if not all(a > b for a, b in itertools.pairwise(times)):
         raise ValueError(f"{name} must be strictly decreasing (noisiest first), got {times}")
     if schedule is not None and not (schedule.t_min <= times[-1] and times[0] <= schedule.t_max):
         raise ValueError(
@@ -82,10 +81,8 @@ def check_grid(ts: torch.Tensor, schedule: Schedule | None = None, name: str = "
 
 def _pchip_slopes(y: list[float]) -> list[float]:
     """Knot slopes of a monotone cubic Hermite interpolant (Fritsch-Butland harmonic mean) on unit spacing."""
-    d = [b - a for a, b in zip(y, y[1:], strict=False)]
-    m = [d[0]] + [
-        (2.0 * a * b / (a + b)) if a * b > 0 else 0.0 for a, b in zip(d, d[1:], strict=False)
-    ] + [d[-1]]
+    d = [b - a for a, b in itertools.pairwise(y)]
+    m = [d[0]] + [(2.0 * a * b / (a + b)) if a * b > 0 else 0.0 for a, b in itertools.pairwise(d)] + [d[-1]]
     return m
 
 
@@ -154,7 +151,7 @@ class DiscreteVP(Schedule):
     def _at(self, t: float) -> Coefficients:
         # knots at j = 0..T hold times j - 1; locate the cubic piece containing t
         u = t + 1.0
-        j = min(int(math.floor(u)), len(self._phi) - 2)
+        j = min(math.floor(u), len(self._phi) - 2)
         s = u - j
         p0, p1, m0, m1 = self._phi[j], self._phi[j + 1], self._slope[j], self._slope[j + 1]
         s2, s3 = s * s, s * s * s
@@ -187,9 +184,9 @@ class DiscreteVP(Schedule):
             steps = [k * (T // n) + steps_offset for k in range(n)]
         elif spacing == "trailing":
             ratio = T / n
-            steps = sorted({int(round(T - k * ratio)) - 1 for k in range(n)})
+            steps = sorted({round(T - k * ratio) - 1 for k in range(n)})
         elif spacing == "linspace":
-            steps = [int(round(k * ((T - 1) / (n - 1)))) if n > 1 else 0 for k in range(n)]
+            steps = [round(k * ((T - 1) / (n - 1))) if n > 1 else 0 for k in range(n)]
         else:
             raise ValueError(f"unknown spacing={spacing!r}; expected 'leading', 'trailing' or 'linspace'")
         if steps[-1] > T - 1 or steps[0] < 0:

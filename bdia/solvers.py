@@ -169,15 +169,17 @@ class BDIA:
         self.backward = self.integrator.first_order if backward is None else backward
         if not isinstance(self.backward, Integrator):
             raise TypeError(f"backward must be a bdia.solvers.Integrator, got {type(self.backward).__name__}")
-        if isinstance(gamma, bool) or not isinstance(gamma, int | float | torch.Tensor) and not callable(gamma):
+        if isinstance(gamma, bool) or (not isinstance(gamma, int | float | torch.Tensor) and not callable(gamma)):
             raise TypeError(f"gamma must be a float, a (batch,) tensor or a function, got {type(gamma).__name__}")
         if isinstance(gamma, int | float):
             gamma = float(gamma)
             _check_gamma(gamma)
         elif isinstance(gamma, torch.Tensor):
             if gamma.dim() != 1 or not gamma.is_floating_point():
-                raise ValueError(f"a gamma tensor must be 1-D floating point (one per sample), got {gamma.dtype} "
-                                 f"of shape {tuple(gamma.shape)}")
+                raise ValueError(
+                    f"a gamma tensor must be 1-D floating point (one per sample), got {gamma.dtype} "
+                    f"of shape {tuple(gamma.shape)}"
+                )
             lo, hi = float(gamma.min()), float(gamma.max())  # once, at construction (not in the step loop)
             _check_gamma(lo), _check_gamma(hi)
             self._gamma_min = lo
@@ -215,7 +217,7 @@ class BDIA:
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
         x, t = state.x_prev, state.t_prev  # the shared point x_i
         g = self._gamma_at(model, x, t_prev, t, state.t)
-        if isinstance(g, float) and g == 0 or isinstance(self.gamma, torch.Tensor) and self._gamma_min == 0:
+        if (isinstance(g, float) and g == 0) or (isinstance(self.gamma, torch.Tensor) and self._gamma_min == 0):
             raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
         inv = 1.0 / g
         pred = model(x, t, **kw)
