@@ -66,7 +66,7 @@ def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -
         bad = _nonfinite(state)
         first_bad = torch.where(bad, -1, len(grid))  # step index of the first failure, kept on the device
     if callback is not None:
-        callback(state if forward else state.flipped())
+        callback(_facing(state, forward))
     move = solver.step if forward else solver.unstep
     with tqdm(total=len(grid) - 1 - k, disable=not progress, desc="sample" if forward else "invert") as bar:
         for i, t in enumerate(grid[k + 1 :]):
@@ -76,7 +76,7 @@ def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -
                 first_bad = torch.where(now & ~bad, i, first_bad)
                 bad = bad | now
             if callback is not None:
-                callback(state if forward else state.flipped())
+                callback(_facing(state, forward))
             bar.update()
     if check_finite and bool(bad):
         at = int(first_bad)
@@ -85,7 +85,13 @@ def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -
             f"non-finite values (NaN or inf) produced {where}: check the model output, the schedule's end "
             "points (an epsilon model cannot give x0 where alpha = 0) and the state's dtype range"
         )
-    return state if forward else state.flipped()
+    return _facing(state, forward)
+
+
+def _facing(state: State, forward: bool) -> State:
+    """A state in sampling orientation (``x_prev`` the noisier point), as the walk reports it: ``x`` is the
+    latent the walk ended on. A pair of latents at one time (EDICT) keeps its order."""
+    return state if forward or state.t_prev == state.t else state.flipped()
 
 
 def _nonfinite(state: State) -> torch.Tensor:
