@@ -12,20 +12,9 @@ import time
 import torch
 
 import bdia
-from bdia.models import GaussianMixture
+from bdia.models import CountNFE, GaussianMixture
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM
-
-
-class _Counted:
-    """A denoiser that counts its evaluations (NFE) and forwards everything else."""
-
-    def __init__(self, model):
-        self.model, self.schedule, self.calls = model, model.schedule, 0
-
-    def __call__(self, x, t, **kw):
-        self.calls += 1
-        return self.model(x, t, **kw)
 
 
 def gmm_methods():
@@ -39,7 +28,7 @@ def gmm_methods():
 def run_gmm(steps: int, batch: int, dim: int, dtype: torch.dtype, seed: int) -> list[dict]:
     schedule = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
     ts = schedule.timesteps(steps, "leading", steps_offset=1)
-    model = _Counted(GaussianMixture.random(schedule, dim=dim, components=8, std=0.2, seed=seed))
+    model = CountNFE(GaussianMixture.random(schedule, dim=dim, components=8, std=0.2, seed=seed))
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype)
     data = model.model.sample(batch, generator=g).to(dtype)

@@ -16,7 +16,7 @@ import torch
 from bdia.linalg import lincomb
 from bdia.schedules import Coefficients, Schedule
 
-__all__ = ["CFG", "PREDICTIONS", "Denoiser", "GaussianMixture", "Model", "Prediction"]
+__all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Model", "Prediction"]
 
 
 class Prediction(NamedTuple):
@@ -120,6 +120,17 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule}, {self.prediction!r})"
+
+
+class CountNFE:
+    """Wrap a denoiser and count its evaluations in ``calls`` (the number of function evaluations, NFE)."""
+
+    def __init__(self, model: Denoiser):
+        self.model, self.schedule, self.calls = model, model.schedule, 0
+
+    def __call__(self, x: torch.Tensor, t: float, **kwargs: Any) -> Prediction:
+        self.calls += 1
+        return self.model(x, t, **kwargs)
 
 
 class CFG:
