@@ -27,7 +27,7 @@ from bdia.models import Denoiser, Prediction
 from bdia.schedules import Schedule
 from bdia.state import State
 
-__all__ = ["BDIA", "DDIM", "Euler", "Heun", "Integrator", "Terms", "obelm_gamma"]
+__all__ = ["BDIA", "DDIM", "EDICT", "Euler", "Heun", "Integrator", "OBELM", "Terms", "obelm_gamma"]
 
 Terms = list[tuple[Coef, torch.Tensor]]
 GammaFn = Callable[[Schedule, float, float, float], float]
@@ -150,8 +150,8 @@ class BDIA:
 
     ``integrator`` is ``Phi``; ``backward`` is ``Phi_b``, by default the integrator's first-order step that
     reuses the shared evaluation at ``x`` (so BDIA over DDIM or Euler costs 1 NFE per step, over Heun 2).
-    ``gamma`` is a float in [0, 1], a per-sample tensor of shape ``(batch,)``, or a per-step function
-    ``gamma(schedule, t_prev, t, t_next) -> float`` (e.g. ``obelm_gamma``). gamma = 0 is the plain
+    ``gamma`` is a float in [0, 1], a per-sample tensor of shape ``(batch,)`` with values in [0, 1], or a
+    per-step function ``gamma(schedule, t_prev, t, t_next) -> float >= 0`` (e.g. ``obelm_gamma``). gamma = 0 is the plain
     integrator; gamma = 1 the paper's default. Order: that of a leapfrog-type scheme (2) for gamma = 1 over
     DDIM on smooth grids, 1 for constant gamma < 1. Inversion divides by gamma: its rounding errors grow
     like ``gamma^-N`` (NOTES section 4), and inverting with gamma = 0 is an error.
@@ -199,7 +199,10 @@ class BDIA:
         if isinstance(value, torch.Tensor):
             return value
         value = float(value)
-        _check_gamma(value, where=f" at t_prev={t_prev}, t={t}, t_next={t_next}")
+        # A per-step schedule may exceed 1 (O-BELM does on some grids): stability is set by
+        # a = gamma alpha(t_prev) / alpha(t_next), not by gamma alone, so only sign and finiteness are checked.
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"gamma({t_prev}, {t}, {t_next}) returned {value}; expected a finite number >= 0")
         return value
 
     def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
@@ -233,3 +236,117 @@ class BDIA:
 def _check_gamma(g: float, where: str = "") -> None:
     if not (0.0 <= g <= 1.0):
         raise ValueError(f"gamma must lie in [0, 1]{where}, got {g} (gamma > 1 makes sampling unstable)")
+
+
+class OBELM(BDIA):
+    """O-BELM (Wang et al., NeurIPS 2024, "BELM"): the minimum-local-error bidirectional explicit linear
+    multistep sampler, as BDIA over DDIM with the per-step ``gamma_i`` of ``obelm_gamma`` (NOTES section 3).
+    Order 2, 1 NFE per step; the first step is a plain DDIM step.
+
+    Its gamma_i can be far below 1 (about 0.004 on Stable Diffusion's last step), so its inversion
+    amplifies rounding like ``prod_i 1/gamma_i``: exact in exact arithmetic, fragile in floating point.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(DDIM(), gamma=obelm_gamma)
+        self.order = 2
+
+    def __repr__(self) -> str:
+        return "OBELM()"
+
+
+class EDICT:
+    """EDICT (Wallace, Gokul & Naik, CVPR 2023, eqs. 10-13): two coupled copies with mixing, exactly invertible.
+    Order 1 (over DDIM), 2 NFE per step.
+
+    From ``(x, y)`` at ``t`` to ``s``, with ``Phi_e(z)`` the integrator's step of ``z`` taking the noise
+    prediction ``e`` as its eps (and ``x0 = (z - sigma_t e) / alpha_t``)::
+
+        x' = Phi_{eps(y, t)}(x)        y' = Phi_{eps(x', t)}(y)       (the second call is at the START time t)
+        x_s = p x' + (1 - p) y'        y_s = p y' + (1 - p) x_s
+
+    and the inverse runs the four lines backwards (the same two model calls). With eps held, a
+    single-evaluation integrator's step is affine in ``z``, ``Phi_e(z) = A z + B e``, which is what makes
+    it invertible: ``integrator`` may be DDIM (the paper) or Euler, not a multi-stage one such as Heun.
+    ``p`` in (0, 1]: the mixing weight (the paper's 0.93; 1 turns mixing off, which lets the copies drift).
+
+    State: both copies live at the same time, ``State(x_prev=y, x=x, t_prev=t, t=t)``; the output latent
+    (the sample of ``bdia.sample``, the inverted noise of ``bdia.invert``) is ``state.x``. ``init`` sets
+    ``x = y`` and takes no step.
+    """
+
+    nfe, order = 2, 1
+
+    def __init__(self, integrator: Integrator | None = None, p: float = 0.93):
+        self.integrator = DDIM() if integrator is None else integrator
+        if not isinstance(self.integrator, Integrator):
+            raise TypeError(f"integrator must be a bdia.solvers.Integrator, got {type(self.integrator).__name__}")
+        if self.integrator.nfe != 1:
+            raise ValueError(
+                f"EDICT needs a single-evaluation integrator (DDIM or Euler), got {self.integrator!r} with "
+                f"{self.integrator.nfe} evaluations per step: its step is not affine in the latent for a fixed eps"
+            )
+        if isinstance(p, bool) or not isinstance(p, int | float):
+            raise TypeError(f"p must be a float in (0, 1], got {type(p).__name__}")
+        p = float(p)
+        if not (0.0 < p <= 1.0):
+            raise ValueError(f"p must lie in (0, 1] (the mixing weight; the paper uses 0.93), got {p}")
+        self.p = p
+
+    def _affine(self, model: Denoiser, z: torch.Tensor, t: float, s: float, eps: torch.Tensor) -> tuple[float, float]:
+        """``(A, B)`` with ``Phi(z; t -> s) = A z + B eps`` when the prediction's eps is ``eps``: the integrator's
+        terms are read off by tensor identity, with ``x0 = (z - sigma_t eps) / alpha_t`` substituted."""
+        k = model.schedule.at(t)
+        x0 = z.new_empty(0)  # a marker: a single-evaluation integrator only weighs the prediction
+        A, B = 0.0, 0.0
+        for c, T in self.integrator.terms(model, z, t, s, Prediction(x0, eps)):
+            if isinstance(c, torch.Tensor):
+                raise TypeError("EDICT needs float coefficients from its integrator, got a tensor")
+            if T is z:
+                A += c
+            elif T is eps:
+                B += c
+            elif T is x0:
+                A, B = A + c / k.alpha, B - c * k.sigma / k.alpha
+            else:
+                raise ValueError(
+                    f"{self.integrator!r} is not a linear combination of x, x0 and eps: EDICT cannot use it"
+                )
+        return A, B
+
+    def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
+        """Both copies start as ``x`` (the paper's ``x_T = y_T``); no step is taken."""
+        return State(x, x, t, t)
+
+    def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
+        y, x, t = state.x_prev, state.x, _same_time(state)
+        p = self.p
+        e = model(y, t, **kw).eps
+        A, B = self._affine(model, x, t, t_next, e)
+        x_mid = lincomb((A, x), (B, e))
+        y_mid = lincomb((A, y), (B, model(x_mid, t, **kw).eps))
+        x_new = lincomb((p, x_mid), (1.0 - p, y_mid))
+        return State(lincomb((p, y_mid), (1.0 - p, x_new)), x_new, t_next, t_next)
+
+    def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
+        y_new, x_new, s = state.x_prev, state.x, _same_time(state)
+        inv = 1.0 / self.p
+        y_mid = lincomb((inv, y_new), (-(1.0 - self.p) * inv, x_new))
+        x_mid = lincomb((inv, x_new), (-(1.0 - self.p) * inv, y_mid))
+        e = model(x_mid, t_prev, **kw).eps
+        A, B = self._affine(model, y_mid, t_prev, s, e)
+        y = lincomb((1.0 / A, y_mid), (-B / A, e))
+        e = model(y, t_prev, **kw).eps
+        return State(y, lincomb((1.0 / A, x_mid), (-B / A, e)), t_prev, t_prev)
+
+    def __repr__(self) -> str:
+        return f"EDICT({self.integrator!r}, p={self.p})"
+
+
+def _same_time(state: State) -> float:
+    if state.t_prev != state.t:
+        raise ValueError(
+            f"an EDICT state holds two copies at one time, got times ({state.t_prev}, {state.t}): "
+            "continue it only with EDICT (a state from another solver is a pair of consecutive points)"
+        )
+    return state.t
