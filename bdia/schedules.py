@@ -92,8 +92,8 @@ class DiscreteVP(Schedule):
     Native time is the training index ``t`` in ``0..T-1``; ``t = -1`` is the clean end point
     ``alpha = 1, sigma = 0`` (diffusers' ``final_alpha_cumprod = 1``). Fractional times interpolate
     the angle ``phi = atan2(sigma, alpha)`` with a monotone C1 cubic (PCHIP knots on the integer
-    grid), so ``alpha = cos(phi)``, ``sigma = sin(phi)`` stay exactly variance preserving, match the
-    table exactly at integers, and have continuous derivatives everywhere (Euler in native time and
+    grid), so ``alpha = cos(phi)``, ``sigma = sin(phi)`` stay exactly variance preserving, are the
+    table's ``sqrt(abar)``, ``sqrt(1 - abar)`` at integers, and have continuous derivatives everywhere (Euler in native time and
     Heun's corrector need them). The angle stays bounded even at zero terminal SNR (alpha = 0).
     """
 
@@ -111,6 +111,9 @@ class DiscreteVP(Schedule):
         # atan2(sqrt(1-abar), sqrt(abar)) is well conditioned at both ends, unlike acos(sqrt(abar)).
         phi = torch.atan2(torch.sqrt(1.0 - abar), torch.sqrt(abar))
         self._phi = [0.0, *phi.tolist()]  # knot j holds time j - 1
+        # on the integer times the table itself is used: exact zeros at the ends (alpha = 0 at zero terminal SNR)
+        self._alpha = [1.0, *abar.sqrt().tolist()]
+        self._sigma = [0.0, *(1.0 - abar).sqrt().tolist()]
         self._slope = _pchip_slopes(self._phi)
 
     @classmethod
@@ -157,7 +160,10 @@ class DiscreteVP(Schedule):
         s2, s3 = s * s, s * s * s
         phi = (2 * s3 - 3 * s2 + 1) * p0 + (s3 - 2 * s2 + s) * m0 + (-2 * s3 + 3 * s2) * p1 + (s3 - s2) * m1
         dphi = (6 * s2 - 6 * s) * p0 + (3 * s2 - 4 * s + 1) * m0 + (-6 * s2 + 6 * s) * p1 + (3 * s2 - 2 * s) * m1
-        alpha, sigma = math.cos(phi), math.sin(phi)
+        if s in (0.0, 1.0):
+            alpha, sigma = self._alpha[j + int(s)], self._sigma[j + int(s)]
+        else:
+            alpha, sigma = math.cos(phi), math.sin(phi)
         return Coefficients(alpha, sigma, -sigma * dphi, alpha * dphi)
 
     def timesteps(

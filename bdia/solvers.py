@@ -27,7 +27,7 @@ from bdia.models import Denoiser, Prediction
 from bdia.schedules import Schedule
 from bdia.state import State
 
-__all__ = ["BDIA", "DDIM", "EDICT", "Euler", "Heun", "Integrator", "OBELM", "Terms", "obelm_gamma"]
+__all__ = ["BDIA", "DDIM", "EDICT", "OBELM", "Euler", "Heun", "Integrator", "Terms", "obelm_gamma"]
 
 Terms = list[tuple[Coef, torch.Tensor]]
 GammaFn = Callable[[Schedule, float, float, float], float]
