@@ -93,8 +93,9 @@ class DiscreteVP(Schedule):
     ``alpha = 1, sigma = 0`` (diffusers' ``final_alpha_cumprod = 1``). Fractional times interpolate
     the angle ``phi = atan2(sigma, alpha)`` with a monotone C1 cubic (PCHIP knots on the integer
     grid), so ``alpha = cos(phi)``, ``sigma = sin(phi)`` stay exactly variance preserving, are the
-    table's ``sqrt(abar)``, ``sqrt(1 - abar)`` at integers, and have continuous derivatives everywhere (Euler in native time and
-    Heun's corrector need them). The angle stays bounded even at zero terminal SNR (alpha = 0).
+    table's ``sqrt(abar)``, ``sqrt(1 - abar)`` at integers, and have continuous derivatives everywhere
+    (Euler in native time and Heun's corrector need them). The angle stays bounded even at zero terminal SNR
+    (alpha = 0).
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor | Sequence[float]):

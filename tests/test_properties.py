@@ -1,4 +1,5 @@
-"""Property tests of exact inversion: round trips over schedules, grids, gammas, dtypes, shapes, predictions, integrators.
+"""Property tests of exact inversion: round trips over schedules, grids, gammas, dtypes, shapes, predictions and
+integrators.
 
 Tolerance (one formula for every case): a rounding error of relative size eps made at each of the N steps on
 states of magnitude up to M (the largest state norm on the walk) is carried to the end without growth when the
