@@ -151,10 +151,10 @@ class BDIA:
     ``integrator`` is ``Phi``; ``backward`` is ``Phi_b``, by default the integrator's first-order step that
     reuses the shared evaluation at ``x`` (so BDIA over DDIM or Euler costs 1 NFE per step, over Heun 2).
     ``gamma`` is a float in [0, 1], a per-sample tensor of shape ``(batch,)`` with values in [0, 1], or a
-    per-step function ``gamma(schedule, t_prev, t, t_next) -> float >= 0`` (e.g. ``obelm_gamma``). gamma = 0 is the plain
-    integrator; gamma = 1 the paper's default. Order: that of a leapfrog-type scheme (2) for gamma = 1 over
-    DDIM on smooth grids, 1 for constant gamma < 1. Inversion divides by gamma: its rounding errors grow
-    like ``gamma^-N`` (NOTES section 4), and inverting with gamma = 0 is an error.
+    per-step function ``gamma(schedule, t_prev, t, t_next) -> float >= 0`` (e.g. ``obelm_gamma``).
+    gamma = 0 is the plain integrator; gamma = 1 the paper's default. Order: that of a leapfrog-type scheme
+    (2) for gamma = 1 over DDIM on smooth grids, 1 for constant gamma < 1. Inversion divides by gamma: its
+    rounding errors grow like ``gamma^-N`` (NOTES section 4), and inverting with gamma = 0 is an error.
     """
 
     def __init__(
