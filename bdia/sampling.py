@@ -80,7 +80,8 @@ def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -
             bar.update()
     if check_finite and bool(bad):
         at = int(first_bad)
-        where = "in the input" if at < 0 else f"at step {at + 1} (t = {grid[k + 1 + at]})"
+        j = k + 1 + at  # the grid index the failing step went to
+        where = "in the input" if at < 0 else f"in step {j} of {len(grid) - 1} (t = {grid[j - 1]} -> {grid[j]})"
         raise FloatingPointError(
             f"non-finite values (NaN or inf) produced {where}: check the model output, the schedule's end "
             "points (an epsilon model cannot give x0 where alpha = 0) and the state's dtype range"
