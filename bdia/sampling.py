@@ -68,7 +68,7 @@ def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -
     if callback is not None:
         callback(_facing(state, forward))
     move = solver.step if forward else solver.unstep
-    with tqdm(total=len(grid) - 1 - k, disable=not progress, desc="sample" if forward else "invert") as bar:
+    with tqdm(total=len(grid) - 1, initial=k, disable=not progress, desc="sample" if forward else "invert") as bar:
         for i, t in enumerate(grid[k + 1 :]):
             state = move(model, state, t, **kw)
             if check_finite:

@@ -217,3 +217,15 @@ def test_cuda_sampling_stays_on_device_without_host_syncs():
     assert rel_err(back.x.cpu(), noise.cpu()) < 1e-12
     cpu = bdia.sample(Model(lambda x, t: net(x.cuda(), t.cuda()).cpu(), s), noise.cpu(), ts, BDIA())
     assert torch.allclose(cpu.x, out.x.cpu(), rtol=1e-12, atol=1e-12)
+
+
+def test_progress_bar_counts_the_steps(capsys):
+    model = model_for("sd", None)
+    ts = schedule("sd").timesteps(10, "leading", steps_offset=1)
+    out = bdia.sample(model, torch.zeros(1, 8, dtype=torch.float64), ts, BDIA(), progress=True)
+    err = capsys.readouterr().err
+    assert "sample" in err and "10/10" in err
+    bdia.invert(model, out, ts, BDIA(), progress=True)
+    assert "invert" in capsys.readouterr().err
+    bdia.sample(model, torch.zeros(1, 8, dtype=torch.float64), ts, BDIA())
+    assert capsys.readouterr().err == ""
