@@ -24,6 +24,7 @@ from bdia.schedules import DiscreteVP
 __all__ = [
     "DATA_DIR",
     "NULL_CLASS",
+    "digit_grid",
     "digits",
     "digits_classifier",
     "digits_net",
@@ -137,3 +138,19 @@ def heldout_digits(data_dir: Path | str | None = None) -> tuple[torch.Tensor, to
     """The held-out real digits (never seen by either network): images in [-1, 1] ``(N, 1, 8, 8)``, labels ``(N,)``."""
     blob = _load(HELDOUT_FILE, data_dir)
     return to_unit(blob["images"]), blob["labels"].long()
+
+
+def digit_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
+    """Tile ``(N, 1, 8, 8)`` images in [-1, 1] into one ``(H, W)`` float tensor in [0, 1] (1 = ink),
+    ``nrow`` images a row, separated by ``pad`` pixels of mid grey."""
+    if images.dim() != 4 or images.shape[1:] != (1, 8, 8):
+        raise ValueError(f"images must have shape (N, 1, 8, 8), got {tuple(images.shape)}")
+    n = images.shape[0]
+    rows = (n + nrow - 1) // nrow
+    out = torch.full((rows * (8 + pad) + pad, nrow * (8 + pad) + pad), 0.5)
+    x = (images.detach().cpu().float().clamp(-1, 1) + 1) / 2
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        y0, x0 = pad + r * (8 + pad), pad + c * (8 + pad)
+        out[y0 : y0 + 8, x0 : x0 + 8] = x[i, 0]
+    return out
