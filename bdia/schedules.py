@@ -190,8 +190,8 @@ class DiscreteVP(Schedule):
         if spacing == "leading":
             steps = [k * (T // n) + steps_offset for k in range(n)]
         elif spacing == "trailing":
-            ratio = T / n
-            steps = sorted({round(T - k * ratio) - 1 for k in range(n)})
+            delta = (T - T / n) - T  # as numpy's arange(T, 0, -T/n): it steps by the difference of its first two values
+            steps = sorted({round(T + k * delta) - 1 for k in range(n)})
         elif spacing == "linspace":
             steps = [round(k * ((T - 1) / (n - 1))) if n > 1 else 0 for k in range(n)]
         else:
