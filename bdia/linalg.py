@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Coef", "lincomb"]
+__all__ = ["Coef", "Terms", "lincomb", "scaled"]
 
 Coef = float | torch.Tensor  # a python float (float64), or a per-sample tensor broadcastable to the terms
+Terms = list[tuple[Coef, torch.Tensor]]
+
+
+def scaled(c: Coef, terms: Terms) -> Terms:
+    """The terms of ``c * sum(terms)`` (coefficients multiply; no tensor is touched)."""
+    return [(c * a, T) for a, T in terms]
 
 
 def lincomb(*terms: tuple[Coef, torch.Tensor]) -> torch.Tensor:
-    """``sum_i c_i T_i`` with terms on the same tensor object merged first."""
+    """``sum_i c_i T_i`` with terms on the same tensor object merged first; always a fresh tensor."""
     merged: dict[int, list] = {}
     for c, T in terms:
         slot = merged.get(id(T))
@@ -29,8 +35,6 @@ def lincomb(*terms: tuple[Coef, torch.Tensor]) -> torch.Tensor:
     if not items:
         return torch.zeros_like(terms[0][1])
     c, T = items[0]
-    if len(items) == 1 and not isinstance(c, torch.Tensor) and c == 1:
-        return T
     out = T * (c.to(T.dtype) if isinstance(c, torch.Tensor) else c)
     for c, T in items[1:]:
         if isinstance(c, torch.Tensor):

@@ -8,22 +8,60 @@ where ``t`` is a python float in the schedule's native time. ``Model`` makes one
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import torch
 
-from bdia.linalg import lincomb
+from bdia.linalg import Terms, lincomb
 from bdia.schedules import Coefficients, Schedule
 
 __all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Model", "Prediction"]
 
 
-class Prediction(NamedTuple):
-    """The model's estimate of the clean data and of the noise at ``(x, t)``: ``x = alpha x0 + sigma eps``."""
+class Prediction:
+    """The model's estimate of the clean data and of the noise at ``(x, t)``: ``x = alpha x0 + sigma eps``.
 
-    x0: torch.Tensor
-    eps: torch.Tensor
+    ``x0`` and ``eps`` may each be given as a tensor or as the terms ``[(coef, tensor), ...]`` of a linear
+    combination. ``Model`` gives the latter (each is a combination of ``x`` and the network output), so that
+    integrators can fold them into their own update through ``x0_terms`` / ``eps_terms`` (a BDIA-DDIM step
+    then makes three passes over memory instead of five); ``pred.x0`` and ``pred.eps`` build the tensor on
+    first use. Unpacks like a pair: ``x0, eps = pred``.
+    """
+
+    __slots__ = ("_eps", "_x0", "eps_terms", "x0_terms")
+
+    def __init__(self, x0: torch.Tensor | Terms, eps: torch.Tensor | Terms):
+        self._x0, self.x0_terms = _as_terms(x0, "x0")
+        self._eps, self.eps_terms = _as_terms(eps, "eps")
+
+    @property
+    def x0(self) -> torch.Tensor:
+        if self._x0 is None:
+            self._x0 = lincomb(*self.x0_terms)
+        return self._x0
+
+    @property
+    def eps(self) -> torch.Tensor:
+        if self._eps is None:
+            self._eps = lincomb(*self.eps_terms)
+        return self._eps
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        yield self.x0
+        yield self.eps
+
+    def __repr__(self) -> str:
+        return f"Prediction(x0={self.x0!r}, eps={self.eps!r})"
+
+
+def _as_terms(v: torch.Tensor | Terms, name: str) -> tuple[torch.Tensor | None, Terms]:
+    if isinstance(v, torch.Tensor):
+        return v, [(1.0, v)]
+    terms = list(v)
+    if not terms or not all(isinstance(T, torch.Tensor) for _, T in terms):
+        raise TypeError(f"Prediction.{name} must be a tensor or a non-empty list of (coefficient, tensor) terms")
+    return None, terms
 
 
 class Denoiser(Protocol):
@@ -116,7 +154,7 @@ class Model:
         if out.dtype != x.dtype:
             raise TypeError(f"net output dtype {out.dtype} differs from the state's {x.dtype}")
         a, b, c, d = _safe(self._param, k)
-        return Prediction(lincomb((a, x), (b, out)), lincomb((c, x), (d, out)))
+        return Prediction([(a, x), (b, out)], [(c, x), (d, out)])
 
     def __repr__(self) -> str:
         return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule}, {self.prediction!r})"

@@ -40,9 +40,16 @@ class Schedule(ABC):
 
     def at(self, t: float) -> Coefficients:
         """alpha, sigma and their time derivatives at native time ``t`` (a python float)."""
-        if not (self.t_min <= t <= self.t_max):
-            raise ValueError(f"time t={t!r} is outside {type(self).__name__}'s range [{self.t_min}, {self.t_max}]")
-        return self._at(t)
+        # A walk asks for the same few grid times at every step: remember them (a schedule never changes).
+        memo = self.__dict__.setdefault("_memo", {})
+        k = memo.get(t)
+        if k is None:
+            if not (self.t_min <= t <= self.t_max):
+                raise ValueError(f"time t={t!r} is outside {type(self).__name__}'s range [{self.t_min}, {self.t_max}]")
+            k = self._at(t)
+            if len(memo) < 1 << 16:
+                memo[t] = k
+        return k
 
     def alpha_sigma(self, t: float) -> tuple[float, float]:
         c = self.at(t)

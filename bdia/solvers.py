@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 
-from bdia.linalg import Coef, lincomb
+from bdia.linalg import Coef, Terms, lincomb, scaled
 from bdia.models import Denoiser, Prediction
 from bdia.schedules import Schedule
 from bdia.state import State
 
 __all__ = ["BDIA", "DDIM", "EDICT", "OBELM", "Euler", "Heun", "Integrator", "Terms", "obelm_gamma"]
 
-Terms = list[tuple[Coef, torch.Tensor]]
 GammaFn = Callable[[Schedule, float, float, float], float]
 
 
@@ -80,7 +79,7 @@ class Euler(Integrator):
 
     def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
         k, h = model.schedule.at(t), s - t
-        return [(1.0, x), (h * k.dalpha, pred.x0), (h * k.dsigma, pred.eps)]
+        return [(1.0, x), *scaled(h * k.dalpha, pred.x0_terms), *scaled(h * k.dsigma, pred.eps_terms)]
 
 
 class DDIM(Integrator):
@@ -93,7 +92,7 @@ class DDIM(Integrator):
 
     def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
         k = model.schedule.at(s)
-        return [(k.alpha, pred.x0), (k.sigma, pred.eps)]
+        return [*scaled(k.alpha, pred.x0_terms), *scaled(k.sigma, pred.eps_terms)]
 
 
 class Heun(Integrator):
@@ -118,10 +117,10 @@ class Heun(Integrator):
         end = model(lincomb(*euler), s, **kw)
         return [
             (1.0, x),
-            (0.5 * h * k.dalpha, pred.x0),
-            (0.5 * h * k.dsigma, pred.eps),
-            (0.5 * h * ks.dalpha, end.x0),
-            (0.5 * h * ks.dsigma, end.eps),
+            *scaled(0.5 * h * k.dalpha, pred.x0_terms),
+            *scaled(0.5 * h * k.dsigma, pred.eps_terms),
+            *scaled(0.5 * h * ks.dalpha, end.x0_terms),
+            *scaled(0.5 * h * ks.dsigma, end.eps_terms),
         ]
 
 
@@ -136,10 +135,6 @@ def obelm_gamma(schedule: Schedule, t_prev: float, t: float, t_next: float) -> f
     if math.isinf(h_ip1):  # the previous point is pure noise (alpha = 0): no usable history
         return 0.0
     return (h_i / h_ip1) ** 2 * schedule.at(t_next).alpha / schedule.at(t_prev).alpha
-
-
-def _scaled(c: Coef, terms: Terms) -> Terms:
-    return [(c * a, T) for a, T in terms]
 
 
 class BDIA:
@@ -185,7 +180,18 @@ class BDIA:
             self._gamma_min = lo
         self.gamma = gamma
         self.nfe = self.integrator.nfe + self.backward.nfe - 1
-        self.order = min(self.integrator.order, 2)
+        # The nominal order on smooth grids: gamma = 1 with the same method both ways is a symmetric
+        # (leapfrog-type) two-step scheme and O-BELM's gamma cancels the step-ratio error, both order 2;
+        # any other gamma > 0 keeps a first-order correction term (measured: BDIA(Heun) with its default
+        # Euler backward step is order 1).
+        if isinstance(gamma, float) and gamma == 0:
+            self.order = self.integrator.order
+        elif (isinstance(gamma, float) and gamma == 1 and type(self.backward) is type(self.integrator)) or (
+            gamma is obelm_gamma
+        ):
+            self.order = max(2, self.integrator.order)
+        else:
+            self.order = 1
 
     def _gamma_at(self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float) -> Coef:
         g = self.gamma
@@ -209,24 +215,41 @@ class BDIA:
         """A walk starts with one plain integrator step (there is no earlier point to correct with)."""
         return self.integrator.init(model, x, t, t_next, **kw)
 
-    def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
-        x, t = state.x, state.t
-        g = self._gamma_at(model, x, state.t_prev, t, t_next)
+    def drift(
+        self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float, **kw: Any
+    ) -> tuple[Coef, torch.Tensor]:
+        """``(gamma, F)`` with ``x_next = gamma x_prev + F(x)``: the split that makes the step invertible.
+
+        ``F(x) = Phi(x; t -> t_next) - gamma Phi_b(x; t -> t_prev)`` is one fused linear combination (a fresh
+        tensor), computed with the same terms in the same order by ``step`` and ``unstep``: the same bits both
+        ways, so a round trip only sees the rounding of ``gamma x_prev + F`` and its inverse, never that of F.
+        """
+        g = self._gamma_at(model, x, t_prev, t, t_next)
         pred = model(x, t, **kw)
         forward = self.integrator.terms(model, x, t, t_next, pred, **kw)
-        back = self.backward.terms(model, x, t, state.t_prev, pred, **kw)
-        return State(x, lincomb((g, state.x_prev), *forward, *_scaled(-g, back)), t, t_next)
+        back = self.backward.terms(model, x, t, t_prev, pred, **kw)
+        return g, lincomb(*forward, *scaled(-g, back))
+
+    def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
+        g, F = self.drift(model, state.x, state.t_prev, state.t, t_next, **kw)
+        x_prev = state.x_prev
+        x_next = F.addcmul_(x_prev, g.to(F.dtype)) if isinstance(g, torch.Tensor) else F.add_(x_prev, alpha=g)
+        return State(state.x, x_next, state.t, t_next)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
         x, t = state.x_prev, state.t_prev  # the shared point x_i
-        g = self._gamma_at(model, x, t_prev, t, state.t)
-        if (isinstance(g, float) and g == 0) or (isinstance(self.gamma, torch.Tensor) and self._gamma_min == 0):
+        if isinstance(self.gamma, torch.Tensor) and self._gamma_min == 0:
             raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
-        inv = 1.0 / g
-        pred = model(x, t, **kw)
-        forward = self.integrator.terms(model, x, t, state.t, pred, **kw)
-        back = self.backward.terms(model, x, t, t_prev, pred, **kw)
-        return State(lincomb((inv, state.x), *back, *_scaled(-inv, forward)), x, t_prev, t)
+        g, F = self.drift(model, x, t_prev, t, state.t, **kw)
+        if isinstance(g, float) and g == 0:
+            raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
+        diff = torch.sub(state.x, F)
+        if isinstance(g, torch.Tensor):
+            diff.div_(g.to(diff.dtype))
+        elif g != 1.0:
+            diff.div_(g)
+        x_prev = diff
+        return State(x_prev, x, t_prev, t)
 
     def __repr__(self) -> str:
         g = getattr(self.gamma, "__name__", self.gamma)
@@ -243,7 +266,7 @@ class OBELM(BDIA):
     multistep sampler, as BDIA over DDIM with the per-step ``gamma_i`` of ``obelm_gamma`` (NOTES section 3).
     Order 2, 1 NFE per step; the first step is a plain DDIM step.
 
-    Its gamma_i can be far below 1 (about 0.004 on Stable Diffusion's last step), so its inversion
+    Its gamma_i can be far below 1 (0.004 on the last step of a 20-step SD grid), so its inversion
     amplifies rounding like ``prod_i 1/gamma_i``: exact in exact arithmetic, fragile in floating point.
     """
 
