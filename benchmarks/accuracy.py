@@ -1,0 +1,290 @@
+"""Accuracy vs NFE: every solver against a tight DOP853 solution of the probability-flow ODE (issue 3, item 1).
+
+Problems: analytic Gaussian mixtures (``bdia.models.GaussianMixture``; NOTES section 7), one low- and one
+high-dimensional, whose exact denoiser makes the error purely the solver's. Grids: Stable Diffusion's
+discrete schedule with diffusers' ``leading`` spacing (offset 1, ending at abar[0]) and the continuous VP
+schedule on a uniform grid (a smooth grid). The error is the relative L2 distance, over the whole batch,
+between a solver's sample and the reference solution started from the same latent.
+
+The reference does not use the library: in scaled coordinates ``xbar = x/alpha``, ``sbar = sigma/alpha``
+the mixture's probability-flow ODE is ``d xbar/d sbar = sum_k r_k(xbar, sbar) sbar (xbar - mu_k) / (s_k^2 +
+sbar^2)`` for any schedule (alpha cancels from the posterior weights ``r_k``), integrated here with
+scipy's DOP853 at rtol = atol = 1e-12 and checked against a run at 1e-10.
+
+Also a gamma x NFE heat map for BDIA-DDIM (the authors recommend gamma 0.5 at 10 steps and 1 at 40;
+another group reported 0.1 as best on CIFAR-10): here measured as ODE error, not as FID.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import bdia
+from bdia.models import CountNFE, GaussianMixture
+from bdia.schedules import VP, DiscreteVP, Schedule
+from bdia.solvers import BDIA, DDIM, EDICT, OBELM, Euler, Heun
+from benchmarks import IMG, RESULTS, loglog_slope, print_table, pyplot, save, threads
+
+__all__ = ["PROBLEMS", "SETTINGS", "methods", "run", "solve_reference"]
+
+
+def a_one_gamma(schedule: Schedule, t_prev: float, t: float, t_next: float) -> float:
+    """The per-step gamma that puts BDIA-DDIM's parasitic root at -1 (``a = gamma alpha_prev/alpha_next = 1``):
+    the centred leapfrog in scaled coordinates, ``xbar_next = xbar_prev - (sbar_prev - sbar_next) eps``."""
+    return schedule.at(t_next).alpha / schedule.at(t_prev).alpha
+
+
+def methods() -> dict[str, Callable[[], Any]]:
+    """The solvers compared, by display name (factories: each run gets a fresh solver)."""
+    return {
+        "Euler": Euler,
+        "DDIM": DDIM,
+        "Heun": Heun,
+        "BDIA g=0.5": lambda: BDIA(DDIM(), 0.5),
+        "BDIA g=0.8": lambda: BDIA(DDIM(), 0.8),
+        "BDIA g=1": lambda: BDIA(DDIM(), 1.0),
+        "BDIA g_i: a=1": lambda: BDIA(DDIM(), a_one_gamma),
+        "O-BELM": OBELM,
+        "EDICT p=0.93": EDICT,
+        "BDIA-Heun g=1": lambda: BDIA(Heun(), 1.0),
+    }
+
+
+SD = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+
+# name -> (schedule, grid(n), the noisiest time any grid starts from)
+SETTINGS: dict[str, tuple[Schedule, Callable[[int], torch.Tensor], float]] = {
+    "SD leading": (SD, lambda n: SD.timesteps(n, "leading", steps_offset=1), 999.0),
+    "VP uniform": (VP(), lambda n: VP().timesteps(n), 1.0),
+}
+
+# name -> (dim, components, std, batch)
+PROBLEMS: dict[str, tuple[int, int, float, int]] = {
+    "GMM 2-d": (2, 8, 0.2, 256),
+    "GMM 128-d": (128, 10, 0.3, 32),
+}
+
+
+def _gmm_rhs(gmm: GaussianMixture, shape: tuple[int, int]) -> Callable[[float, np.ndarray], np.ndarray]:
+    mu = gmm.means.numpy()  # (K, D)
+    s2 = gmm.stds.numpy() ** 2  # (K,)
+    logw = np.log(gmm.weights.numpy())
+    D = mu.shape[1]
+
+    def rhs(sbar: float, y: np.ndarray) -> np.ndarray:
+        xb = y.reshape(shape)
+        v = s2 + sbar * sbar  # (K,): variance of the scaled marginal's components
+        diff = xb[:, None, :] - mu[None]  # (B, K, D)
+        logits = logw - 0.5 * (diff * diff).sum(-1) / v - 0.5 * D * np.log(v)
+        logits -= logits.max(axis=1, keepdims=True)
+        r = np.exp(logits)
+        r /= r.sum(axis=1, keepdims=True)
+        return (r[..., None] * (sbar / v)[None, :, None] * diff).sum(1).reshape(-1)
+
+    return rhs
+
+
+def solve_reference(
+    gmm: GaussianMixture, x: torch.Tensor, t_start: float, times: list[float], tol: float = 1e-12
+) -> dict[float, torch.Tensor]:
+    """The probability-flow ODE's solution from ``x`` at ``t_start`` at each of ``times`` (earlier, less noisy),
+    in float64, by DOP853 in the scaled coordinates (dense output between its steps)."""
+    from scipy.integrate import solve_ivp
+
+    sch = gmm.schedule
+    a0, _ = sch.alpha_sigma(t_start)
+    s_start = sch.snr_sbar(t_start)
+    s_eval = sorted({sch.snr_sbar(t) for t in times}, reverse=True)
+    if s_eval[0] > s_start:
+        raise ValueError("every time must be at or after t_start on the sampling walk")
+    xb = (x.double() / a0).reshape(x.shape[0], -1)
+    sol = solve_ivp(
+        _gmm_rhs(gmm, tuple(xb.shape)),
+        (s_start, s_eval[-1]),
+        xb.numpy().reshape(-1),
+        method="DOP853",
+        t_eval=s_eval,
+        rtol=tol,
+        atol=tol,
+    )
+    if not sol.success:
+        raise RuntimeError(f"reference solve failed: {sol.message}")
+    at_sbar = {s: torch.from_numpy(sol.y[:, j].copy()).reshape(x.shape) for j, s in enumerate(sol.t)}
+    return {t: sch.alpha_sigma(t)[0] * at_sbar[sch.snr_sbar(t)] for t in times}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _case(problem: str, setting: str, ns: list[int], tol: float, seed: int = 0):
+    dim, K, std, batch = PROBLEMS[problem]
+    schedule, grid_of, t_top = SETTINGS[setting]
+    gmm = GaussianMixture.random(schedule, dim=dim, components=K, std=std, seed=seed)
+    grids = {n: grid_of(n) for n in ns}
+    g = torch.Generator().manual_seed(seed + 1)
+    k = schedule.at(t_top)
+    x_top = torch.randn(batch, dim, generator=g, dtype=torch.float64) * math.sqrt(k.alpha**2 + k.sigma**2)
+    times = sorted({float(gr[0]) for gr in grids.values()} | {float(gr[-1]) for gr in grids.values()}, reverse=True)
+    times = [t for t in times if t != t_top]
+    ref = solve_reference(gmm, x_top, t_top, times, tol) if times else {}
+    ref[t_top] = x_top
+    return gmm, grids, ref
+
+
+def _curves(problem: str, setting: str, ns: list[int], tol: float) -> tuple[list[dict], dict]:
+    gmm, grids, ref = _case(problem, setting, ns, tol)
+    model = CountNFE(gmm)
+    rows = []
+    for name, make in methods().items():
+        for n, grid in grids.items():
+            model.calls = 0
+            out = bdia.sample(model, ref[float(grid[0])], grid, make())
+            err = _rel(out.x, ref[float(grid[-1])])
+            rows.append(
+                {"problem": problem, "grid": setting, "method": name, "steps": n, "NFE": model.calls, "error": err}
+            )
+    check = {}
+    if len(ref) > 1:  # how far the reference itself is from a looser one: the floor of what we can measure
+        x_top = ref[max(ref)]
+        loose = solve_reference(gmm, x_top, max(ref), [min(ref)], tol * 100)
+        check = {"reference_vs_100x_looser": _rel(loose[min(ref)], ref[min(ref)])}
+    return rows, check
+
+
+def _orders(rows: list[dict], fit_points: int) -> list[dict]:
+    out = []
+    keys = sorted({(r["problem"], r["grid"]) for r in rows}, key=str)
+    for problem, grid in keys:
+        for name in methods():
+            pts = sorted(
+                (r["NFE"], r["error"]) for r in rows if (r["problem"], r["grid"], r["method"]) == (problem, grid, name)
+            )
+            tail = pts[-fit_points:]
+            out.append(
+                {
+                    "problem": problem,
+                    "grid": grid,
+                    "method": name,
+                    "order": -loglog_slope([p[0] for p in tail], [p[1] for p in tail]),
+                    "NFE range": f"{tail[0][0]}-{tail[-1][0]}",
+                    "error at ~10 NFE": min(pts, key=lambda p: abs(math.log(p[0] / 10)))[1],
+                    "error at ~50 NFE": min(pts, key=lambda p: abs(math.log(p[0] / 50)))[1],
+                }
+            )
+    return out
+
+
+def _heatmap(problem: str, gammas: list[float], ns: list[int], tol: float) -> dict:
+    gmm, grids, ref = _case(problem, "SD leading", ns, tol)
+    err = [
+        [
+            _rel(bdia.sample(gmm, ref[float(grids[n][0])], grids[n], BDIA(DDIM(), gm)).x, ref[float(grids[n][-1])])
+            for n in ns
+        ]
+        for gm in gammas
+    ]
+    best = {n: gammas[min(range(len(gammas)), key=lambda i: err[i][j])] for j, n in enumerate(ns)}
+    return {"problem": problem, "gammas": gammas, "steps": ns, "error": err, "best_gamma": best}
+
+
+def _plot_curves(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    panels = [(p, g) for p in PROBLEMS for g in SETTINGS if any((r["problem"], r["grid"]) == (p, g) for r in rows)]
+    ncol = 2
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(11, 4.2 * nrow), squeeze=False)
+    styles = {name: ("--" if "BDIA" in name or "O-BELM" in name else "-") for name in methods()}
+    for k, (problem, grid) in enumerate(panels):
+        ax = axes[k // ncol][k % ncol]
+        for name in methods():
+            pts = sorted(
+                (r["NFE"], r["error"]) for r in rows if (r["problem"], r["grid"], r["method"]) == (problem, grid, name)
+            )
+            ax.loglog([p[0] for p in pts], [p[1] for p in pts], styles[name], marker="o", ms=3, label=name)
+        ax.set_title(f"{problem}, {grid}", fontsize=10)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("relative error vs DOP853 reference", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_heatmaps(maps: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.8 * len(maps), 4.2), squeeze=False)
+    for ax, m in zip(axes[0], maps, strict=True):
+        e = np.log10(np.array(m["error"]))
+        im = ax.imshow(e, origin="lower", aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(m["steps"])), [str(n) for n in m["steps"]])
+        ax.set_yticks(range(len(m["gammas"])), [f"{g:g}" for g in m["gammas"]])
+        for j, n in enumerate(m["steps"]):
+            i_best = m["gammas"].index(m["best_gamma"][n])
+            for i in range(len(m["gammas"])):
+                ax.text(j, i, f"{e[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w" if i != i_best else "r")
+        ax.set_xlabel("steps (NFE)")
+        ax.set_ylabel("gamma")
+        ax.set_title(f"BDIA-DDIM, {m['problem']}, SD leading:\nlog10 error (red: best gamma per N)", fontsize=9)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool = False, results_dir: Path = RESULTS, img_dir: Path = IMG) -> dict:
+    with threads(1):
+        return _run(quick, Path(results_dir), Path(img_dir))
+
+
+def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    ns = [5, 10, 20] if quick else [5, 7, 10, 14, 20, 28, 40, 56, 80, 100]
+    tol = 1e-11 if quick else 1e-12
+    rows, checks = [], {}
+    for problem in PROBLEMS:
+        for setting in SETTINGS:
+            r, c = _curves(problem, setting, ns, tol)
+            rows += r
+            checks[f"{problem}, {setting}"] = c
+    orders = _orders(rows, fit_points=3 if quick else 4)
+    print_table(orders, "Empirical order (slope over the largest NFEs) and error at about 10 and 50 NFE")
+    gammas = [0.0, 0.5, 1.0] if quick else [round(0.1 * i, 1) for i in range(11)]
+    hns = [5, 10] if quick else [5, 10, 20, 40, 80]
+    maps = [_heatmap(problem, gammas, hns, tol) for problem in PROBLEMS]
+    for m in maps:
+        best = [{"steps": n, "best gamma": m["best_gamma"][n]} for n in hns]
+        print_table(best, f"BDIA-DDIM, {m['problem']}, SD leading: gamma with the smallest ODE error")
+    if not quick:  # an independent cross-check: the library's native-time reference (bdia.reference.solve)
+        from bdia.reference import solve
+
+        for problem in PROBLEMS:
+            gmm, grids, ref = _case(problem, "VP uniform", [10], tol)
+            grid = grids[10][[0, -1]]
+            other = solve(gmm, ref[float(grid[0])], grid, rtol=tol * 10, atol=tol * 10)
+            checks[f"{problem}, VP uniform"]["bdia.reference.solve_vs_this"] = _rel(other, ref[float(grid[-1])])
+    print(f"reference self-checks: {checks}")
+    img_dir = Path(img_dir)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    _plot_curves(rows, img_dir / "accuracy_vs_nfe.png")
+    _plot_heatmaps(maps, img_dir / "accuracy_gamma_heatmap.png")
+    payload = {
+        "quick": quick,
+        "reference": {"method": "scipy DOP853 in (xbar, sbar)", "rtol": tol, "atol": tol, "self_check": checks},
+        "problems": {k: dict(zip(("dim", "components", "std", "batch"), v, strict=True)) for k, v in PROBLEMS.items()},
+        "rows": rows,
+        "orders": orders,
+        "gamma_heatmaps": maps,
+        "seconds": time.perf_counter() - t0,
+    }
+    save(results_dir, "accuracy", payload)
+    return payload

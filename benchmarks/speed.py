@@ -1,0 +1,304 @@
+"""Speed and memory (issue 3, item 3), all ratios measured side by side in one run on this machine.
+
+1. Per-step solver overhead on 4x4x64x64 float32 latents, the model excluded: diffusers'
+   ``DDIMScheduler.step``, a ``torch.add`` over the same tensors (the memory floor: one allocation and one
+   pass), and our DDIM and BDIA-DDIM steps, (a) given the prediction ``(x0, eps)`` and (b) given a network's
+   epsilon output through the ``bdia.models.Model`` adapter (diffusers' situation: it converts eps to x0 too).
+   Each candidate runs ``inner`` back-to-back calls per round, rounds interleaved, medians reported.
+2. End to end with a small convolutional network: BDIA-DDIM / DDIM and EDICT / DDIM wall-time ratios.
+3. Peak memory of sampling vs N: the bytes that the C allocator has handed out (glibc ``mallinfo2``: torch's
+   CPU tensors live there), sampled inside every model call and after every step, minus those held before.
+
+All in one intra-op thread (see ``benchmarks.threads``), so timings are comparable between runs on a shared
+machine; the absolute numbers are this CPU's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import bdia
+from bdia.linalg import lincomb
+from bdia.models import Model, Prediction
+from bdia.schedules import DiscreteVP
+from bdia.solvers import BDIA, DDIM, EDICT
+from bdia.state import State
+from benchmarks import IMG, RESULTS, interleaved, print_table, pyplot, save, threads
+
+__all__ = ["TinyConvNet", "run"]
+
+SD = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+
+
+class _Fixed:
+    """A denoiser that returns a precomputed prediction: the solver's own cost, nothing else."""
+
+    schedule = SD
+
+    def __init__(self, pred: Prediction):
+        self.pred = pred
+
+    def __call__(self, x: torch.Tensor, t: float, **kw) -> Prediction:
+        return self.pred
+
+
+class TinyConvNet(nn.Module):
+    """conv3x3(4 -> 64), SiLU, conv3x3(64 -> 4), plus a time bias: a stand-in for a (very) small U-Net."""
+
+    def __init__(self, channels: int = 4, hidden: int = 64):
+        super().__init__()
+        self.inp = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.silu(self.inp(x) + (t / 1000.0)[:, None, None, None])
+        return 0.1 * self.out(h)
+
+
+def _median_us(v: list[float]) -> float:
+    return statistics.median(v) * 1e6
+
+
+def per_step(repeats: int, inner: int, shape: tuple[int, ...] = (4, 4, 64, 64)) -> dict:
+    from diffusers import DDIMScheduler
+
+    g = torch.Generator().manual_seed(0)
+    x, x_prev, out, x0 = (torch.randn(shape, generator=g) for _ in range(4))
+    fixed = _Fixed(Prediction(x0, out))
+    model = Model(lambda z, t: out, SD, "epsilon")
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    sched.set_timesteps(50)
+    t_d = sched.timesteps[10]
+    ts = SD.timesteps(50, "leading", steps_offset=1).tolist()  # the same grid: 981, 961, ..., 1, 0
+    state, t_next = State(x_prev, x, ts[9], ts[10]), ts[11]
+    k, kn, kp = (
+        SD.at(ts[10]),
+        SD.at(t_next),
+        SD.at(ts[9]),
+    )  # gamma = 1: x_next = x_prev + Phi(x; ->next) - Phi(x; ->prev)
+    c_x0, c_eps = kn.alpha - kp.alpha, kn.sigma - kp.sigma
+    c_x, c_out = c_x0 / k.alpha, c_eps - c_x0 * k.sigma / k.alpha
+    ddim, bd = DDIM(), BDIA(DDIM(), 1.0)
+    fns = {
+        "torch.add (floor)": lambda: torch.add(x, out),
+        "diffusers DDIMScheduler.step": lambda: sched.step(out, t_d, x, return_dict=False),
+        "DDIM step, given (x0, eps)": lambda: ddim.step(fixed, state, t_next),
+        "BDIA-DDIM step, given (x0, eps)": lambda: bd.step(fixed, state, t_next),
+        "DDIM step, eps net via Model": lambda: ddim.step(model, state, t_next),
+        "BDIA-DDIM step, eps net via Model": lambda: bd.step(model, state, t_next),
+        "fused BDIA-DDIM bound: 3-term lincomb": lambda: lincomb((1.0, x_prev), (c_x, x), (c_out, out)),
+    }
+    # the same BDIA-DDIM update written directly on (x_prev, x, eps-net output) with precomputed coefficients:
+    # what a step that neither re-evaluates the schedule nor materialises x0 would cost (not a library path)
+    fused = bd.step(model, state, t_next).x
+    if not torch.allclose(lincomb((1.0, x_prev), (c_x, x), (c_out, out)), fused, rtol=1e-5, atol=1e-5):
+        raise AssertionError("the fused bound does not compute the BDIA-DDIM update")
+    # the same update (diffusers' DDIM and ours, at the same timestep, given the same eps)
+    ours = ddim.step(model, state, t_next).x
+    theirs = sched.step(out, t_d, x, return_dict=False)[0]
+    agreement = float((ours - theirs).abs().max())
+    for fn in fns.values():  # warm up allocator and caches
+        fn()
+    times = interleaved(fns, repeats, inner)
+    med = {k: _median_us(v) for k, v in times.items()}
+    floor, diff = med["torch.add (floor)"], med["diffusers DDIMScheduler.step"]
+    rows = [
+        {
+            "operation": k,
+            "median us": v,
+            "x floor": v / floor,
+            "x diffusers": v / diff,
+            "min us": min(times[k]) * 1e6,
+            "IQR us": (statistics.quantiles(times[k], n=4)[2] - statistics.quantiles(times[k], n=4)[0]) * 1e6,
+        }
+        for k, v in med.items()
+    ]
+    return {
+        "shape": list(shape),
+        "repeats": repeats,
+        "inner": inner,
+        "rows": rows,
+        "ddim_vs_diffusers_maxabs": agreement,
+    }
+
+
+def end_to_end(steps: int, repeats: int, shape: tuple[int, ...] = (4, 4, 64, 64)) -> dict:
+    net = TinyConvNet(shape[1]).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    model = Model(net, SD, "epsilon")
+    grid = SD.timesteps(steps, "leading", steps_offset=1)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    solvers = {"DDIM": DDIM(), "BDIA-DDIM": BDIA(DDIM(), 1.0), "EDICT": EDICT()}
+    fns = {k: (lambda s=s: bdia.sample(model, z, grid, s)) for k, s in solvers.items()}
+    t_net = interleaved({"net": lambda: net(z, torch.full((shape[0],), 500.0))}, repeats, 3)["net"]
+    for fn in fns.values():
+        fn()
+    times = interleaved(fns, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = [
+        {
+            "solver": k,
+            "steps": steps,
+            "median s": v,
+            "ratio to DDIM": v / med["DDIM"],
+            "min ratio": min(times[k]) / min(times["DDIM"]),
+        }
+        for k, v in med.items()
+    ]
+    return {"shape": list(shape), "net_call_ms": statistics.median(t_net) * 1e3, "repeats": repeats, "rows": rows}
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _heap_in_use():
+    """Bytes handed out by glibc's malloc (heap and mmapped chunks), or None where mallinfo2 is missing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def in_use() -> int:
+        m = fn()
+        return m.uordblks + m.hblkhd
+
+    return in_use
+
+
+def peak_memory(ns: list[int], shape: tuple[int, ...] = (4, 4, 64, 64)) -> dict:
+    in_use = _heap_in_use()
+    if in_use is None:
+        return {"skipped": "glibc mallinfo2 not available on this platform"}
+    latent = torch.Size(shape).numel() * 4
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    rows = []
+    for name, solver in {"DDIM": DDIM(), "BDIA-DDIM": BDIA(DDIM(), 1.0), "EDICT": EDICT()}.items():
+        for n in ns:
+            peak = [0]
+
+            def probe(*_, peak=peak) -> None:
+                peak[0] = max(peak[0], in_use())
+
+            def net(x: torch.Tensor, t: torch.Tensor, probe=probe) -> torch.Tensor:
+                y = torch.tanh(x)
+                probe()
+                return y
+
+            model = Model(net, SD, "epsilon")
+            grid = SD.timesteps(n, "leading", steps_offset=1)
+            base = in_use()
+            bdia.sample(model, z, grid, solver, callback=probe)
+            rows.append(
+                {
+                    "solver": name,
+                    "N": n,
+                    "peak MB": (peak[0] - base) / 2**20,
+                    "peak / latent": (peak[0] - base) / latent,
+                }
+            )
+    return {"shape": list(shape), "latent_MB": latent / 2**20, "rows": rows}
+
+
+def _plot(step: dict, e2e: dict, mem: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    rows = step["rows"]
+    axes[0].barh([r["operation"] for r in rows], [r["median us"] for r in rows], color="tab:blue")
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("median time per call [us]")
+    axes[0].set_title(f"one step on {'x'.join(map(str, step['shape']))} float32 (model excluded)", fontsize=9)
+    axes[0].tick_params(axis="y", labelsize=7)
+    r2 = e2e["rows"]
+    axes[1].bar([r["solver"] for r in r2], [r["ratio to DDIM"] for r in r2], color="tab:green")
+    axes[1].axhline(1.0, color="k", lw=0.6)
+    for i, r in enumerate(r2):
+        axes[1].text(i, r["ratio to DDIM"], f"{r['ratio to DDIM']:.3f}", ha="center", va="bottom", fontsize=8)
+    axes[1].set_title(f"end to end, tiny conv net, {r2[0]['steps']} steps: time / DDIM", fontsize=9)
+    if "rows" in mem:
+        for name in dict.fromkeys(r["solver"] for r in mem["rows"]):
+            pts = [(r["N"], r["peak / latent"]) for r in mem["rows"] if r["solver"] == name]
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        axes[2].set_xscale("log")
+        axes[2].set_ylim(bottom=0)
+        axes[2].set_xlabel("N (steps)")
+        axes[2].set_ylabel("peak extra memory / one latent")
+        axes[2].legend(fontsize=8)
+        axes[2].set_title("peak memory of sampling vs N", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run(quick: bool = False, results_dir: Path = RESULTS, img_dir: Path = IMG) -> dict:
+    with threads(1), torch.inference_mode():
+        return _run(quick, Path(results_dir), Path(img_dir))
+
+
+def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    step = per_step(repeats=3 if quick else 41, inner=3 if quick else 20)
+    print_table(step["rows"], f"Per step, {step['shape']} float32, model excluded (median of interleaved rounds)")
+    print(
+        f"our DDIM vs diffusers' DDIM, same eps and timestep: max |difference| = {step['ddim_vs_diffusers_maxabs']:.2e}"
+    )
+    big = None
+    if not quick:  # a latent too big for the caches: the bandwidth-bound regime
+        big = per_step(repeats=15, inner=5, shape=(16, 4, 128, 128))
+        print_table(big["rows"], f"Per step, {big['shape']} float32, model excluded (median of interleaved rounds)")
+    e2e = end_to_end(steps=3 if quick else 20, repeats=1 if quick else 15)
+    # what the per-step overheads predict for the end-to-end ratio (the measured one carries the machine's noise)
+    us = {r["operation"]: r["median us"] for r in step["rows"]}
+    net_us = e2e["net_call_ms"] * 1e3
+    e2e["predicted_bdia_ratio"] = (net_us + us["BDIA-DDIM step, eps net via Model"]) / (
+        net_us + us["DDIM step, eps net via Model"]
+    )
+    print_table(e2e["rows"], f"End to end, TinyConvNet on {e2e['shape']} (one net call: {e2e['net_call_ms']:.2f} ms)")
+    print(f"BDIA-DDIM / DDIM predicted from the per-step overheads: {e2e['predicted_bdia_ratio']:.4f}")
+    mem = peak_memory([2, 6] if quick else [5, 20, 100, 400])
+    if "rows" in mem:
+        print_table(mem["rows"], f"Peak memory of sampling (one latent = {mem['latent_MB']:.3f} MB)")
+    else:
+        print(mem["skipped"])
+    img_dir.mkdir(parents=True, exist_ok=True)
+    _plot(step, e2e, mem, img_dir / "speed_summary.png")
+    payload = {
+        "quick": quick,
+        "per_step": step,
+        "per_step_large": big,
+        "end_to_end": e2e,
+        "memory": mem,
+        "seconds": time.perf_counter() - t0,
+    }
+    save(results_dir, "speed", payload)
+    return payload

@@ -1,0 +1,86 @@
+"""Each benchmark of issue 3 runs in quick mode into a temporary directory, writes its JSON and plots, and
+reports what its physics says it must (no timing assertions: the numbers are the benchmarks' business)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("scipy")
+pytest.importorskip("matplotlib")
+
+from benchmarks import __main__ as cli
+from benchmarks import accuracy, inversion
+
+
+def _written(tmp_path, name: str, pngs: list[str]) -> dict:
+    data = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+    assert data["benchmark"] == name and data["quick"] is True
+    for png in pngs:
+        assert (tmp_path / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return data
+
+
+def test_accuracy_quick(tmp_path):
+    out = accuracy.run(quick=True, results_dir=tmp_path / "results", img_dir=tmp_path / "img")
+    data = _written(tmp_path, "accuracy", ["accuracy_vs_nfe.png", "accuracy_gamma_heatmap.png"])
+    assert len(data["rows"]) == len(out["rows"]) > 0
+    assert all(0 < r["error"] < 100 for r in out["rows"])
+    # the reference is far tighter than any solver's error, so the errors are the solvers'
+    floor = max(c["reference_vs_100x_looser"] for c in out["reference"]["self_check"].values())
+    assert floor < 1e-4 * min(r["error"] for r in out["rows"])
+    # first-order DDIM: more steps, smaller error (on every problem and grid)
+    for problem in accuracy.PROBLEMS:
+        for grid in accuracy.SETTINGS:
+            errs = [
+                r["error"]
+                for r in sorted(out["rows"], key=lambda r: r["steps"])
+                if (r["problem"], r["grid"], r["method"]) == (problem, grid, "DDIM")
+            ]
+            assert errs == sorted(errs, reverse=True)
+    for m in out["gamma_heatmaps"]:
+        assert len(m["error"]) == len(m["gammas"]) and all(len(row) == len(m["steps"]) for row in m["error"])
+
+
+def test_inversion_quick(tmp_path):
+    out = inversion.run(quick=True, results_dir=tmp_path / "results", img_dir=tmp_path / "img")
+    _written(tmp_path, "inversion", ["inversion_roundtrip.png", "inversion_latent.png", "inversion_gamma_heatmap.png"])
+
+    def row(method, n, dtype):
+        return next(r for r in out["rows"] if (r["method"], r["N"], r["dtype"]) == (method, n, dtype))
+
+    n = max(r["N"] for r in out["rows"])
+    eps64 = 2.220446049250313e-16
+    # exact schemes round-trip to rounding in float64 (gamma = 1: no amplification); DDIM inversion does not
+    for method in ("BDIA g=1", "EDICT p=0.93"):
+        assert row(method, n, "float64")["noise->sample->invert"] < 100 * n * eps64
+        assert row(method, n, "float64")["data->invert->sample"] < 100 * n * eps64
+    assert row("DDIM inversion", n, "float64")["noise->sample->invert"] > 1e-3
+    assert all(r["inverted latent std"] > 0 for r in out["rows"])
+    assert set(out["gamma_maps"]) == {"float32", "float64"}
+
+
+def test_speed_quick_through_the_command_line(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    assert cli.main(["speed", "--quick", "--results", str(tmp_path / "results"), "--img", str(tmp_path / "img")]) == 0
+    data = _written(tmp_path, "speed", ["speed_summary.png"])
+    assert "diffusers DDIMScheduler.step" in capsys.readouterr().out
+    ops = {r["operation"]: r for r in data["per_step"]["rows"]}
+    assert all(r["median us"] > 0 for r in ops.values()) and len(ops) == 7
+    # our DDIM and diffusers' make the same update from the same eps (float32 rounding of O(1) values)
+    assert data["per_step"]["ddim_vs_diffusers_maxabs"] < 1e-5
+    assert {r["solver"] for r in data["end_to_end"]["rows"]} == {"DDIM", "BDIA-DDIM", "EDICT"}
+    if "rows" in data["memory"]:
+        assert all(math.isfinite(r["peak MB"]) for r in data["memory"]["rows"])
+
+
+def test_command_line_registry_and_errors(capsys):
+    for name, module in cli.REGISTRY.items():
+        assert module.startswith("benchmarks.") and name
+    assert {"accuracy", "inversion", "speed"} <= set(cli.REGISTRY)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["no-such-benchmark"])
+    assert e.value.code == 2
+    assert "unknown benchmark" in capsys.readouterr().err
