@@ -45,15 +45,6 @@ SOLVERS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny tensors: on a shared machine torch's thread pool costs more than the arithmetic (5x measured)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def problem():
     s = VP()

@@ -15,16 +15,6 @@ from bdia.schedules import EDM, DiscreteVP
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM, Euler, Heun, obelm_gamma
 from bdia.state import State
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The mixture's tiny softmaxes run 100x slower when torch's thread pool competes for a small shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SD = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 
 
