@@ -24,21 +24,20 @@ def scaled(c: Coef, terms: Terms) -> Terms:
 
 def lincomb(*terms: tuple[Coef, torch.Tensor]) -> torch.Tensor:
     """``sum_i c_i T_i`` with terms on the same tensor object merged first; always a fresh tensor."""
-    merged: dict[int, list] = {}
+    coef: dict[int, Coef] = {}
+    tensor: dict[int, torch.Tensor] = {}
     for c, T in terms:
-        slot = merged.get(id(T))
-        if slot is None:
-            merged[id(T)] = [c, T]
+        key = id(T)
+        if key in coef:
+            coef[key] = coef[key] + c
         else:
-            slot[0] = slot[0] + c
-    items = [(c, T) for c, T in merged.values() if isinstance(c, torch.Tensor) or c != 0]
-    if not items:
-        return torch.zeros_like(terms[0][1])
-    c, T = items[0]
-    out = T * (c.to(T.dtype) if isinstance(c, torch.Tensor) else c)
-    for c, T in items[1:]:
+            coef[key], tensor[key] = c, T
+    out = None
+    for key, c in coef.items():
+        T = tensor[key]
         if isinstance(c, torch.Tensor):
-            out.addcmul_(T, c.to(out.dtype))
-        else:
-            out.add_(T, alpha=c)
-    return out
+            c = c.to(T.dtype)
+            out = T * c if out is None else out.addcmul_(T, c)
+        elif c != 0:
+            out = T * c if out is None else out.add_(T, alpha=c)
+    return torch.zeros_like(terms[0][1]) if out is None else out

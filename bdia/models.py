@@ -58,10 +58,9 @@ class Prediction:
 def _as_terms(v: torch.Tensor | Terms, name: str) -> tuple[torch.Tensor | None, Terms]:
     if isinstance(v, torch.Tensor):
         return v, [(1.0, v)]
-    terms = list(v)
-    if not terms or not all(isinstance(T, torch.Tensor) for _, T in terms):
+    if not isinstance(v, list) or not v:
         raise TypeError(f"Prediction.{name} must be a tensor or a non-empty list of (coefficient, tensor) terms")
-    return None, terms
+    return None, v
 
 
 class Denoiser(Protocol):
