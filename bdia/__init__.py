@@ -4,10 +4,10 @@
 denoiser from ``bdia.models`` and a schedule from ``bdia.schedules``; both return a ``bdia.State``.
 """
 
-from bdia import models, schedules, solvers
+from bdia import exact, gradients, models, schedules, solvers
 from bdia.models import Prediction
 from bdia.sampling import invert, sample
 from bdia.state import State
 
-__all__ = ["Prediction", "State", "invert", "models", "sample", "schedules", "solvers"]
+__all__ = ["Prediction", "State", "exact", "gradients", "invert", "models", "sample", "schedules", "solvers"]
 __version__ = "0.1.0"

@@ -1,0 +1,327 @@
+"""Exact fixed-point BDIA: integer states and exact multiplication by a fraction (MacKay et al., NeurIPS 2018).
+
+``Exact(BDIA(...))`` runs the wrapped BDIA solver (any integrator, any gamma > 0, constant or per step)
+on integer states ``X = round(x 2^k)``. One step is ``X_next = gamma * X_prev + round(2^k F(x))`` with
+``F(x) = Phi(x; t -> t_next) - gamma Phi_b(x; t -> t_prev)`` evaluated by the model on the dequantised
+state ``x = X 2^-k`` (in the caller's dtype). ``gamma = p/q`` is applied with MacKay et al.'s (2018,
+after Maclaurin et al. 2015) exactly reversible multiplication by a fraction, which moves the low digits
+that the multiplication destroys into an integer *information buffer* carried in the state, so that
+``unstep(step(s))`` returns the identical bits whatever gamma is. Order and NFE per step: those of the
+wrapped solver (1 NFE for BDIA-DDIM/Euler); the integer work is a few element-wise passes.
+
+Information: a contraction by p/q destroys log2(q/p) bits per element; the buffer grows by exactly that
+on average (plus < 1 bit once per run from rounding), the information-theoretic minimum (NOTES section 4).
+The buffer is an int64 tensor; when it could overflow, its low 31 bits are spilled to a stack of int32
+tensors (a decision made from a data-independent bound, so no host sync) and merged back on the way back.
+
+Determinism: exactness needs the model to return the same bits for the same input bits. On CUDA pass
+``deterministic=True`` to run every call under ``torch.use_deterministic_algorithms(True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import torch
+
+from bdia.models import Denoiser
+from bdia.schedules import Schedule
+from bdia.solvers import BDIA
+from bdia.state import State, check_latent, check_state
+
+__all__ = ["Exact", "ExactState", "Fixed", "SideInformation", "default_frac_bits", "fraction"]
+
+SPILL_BITS = 31  # bits per spilled word: an int32 that stays non-negative
+_MASK = (1 << SPILL_BITS) - 1
+_BUFFER_ROOM = Fraction(2**62)  # the buffer is multiplied by q only while (buffer + 1) q <= 2^62
+_STATE_ROOM = 2**61  # |X| bound that keeps gamma X_prev + F inside int64 with a bit to spare
+MAX_DENOMINATOR = 2**30  # q <= 2^30 keeps buffer * q and a freshly spilled buffer inside int64
+
+
+@lru_cache(maxsize=4096)
+def fraction(gamma: float, max_numerator: int = 1024) -> tuple[int, int]:
+    """The fraction ``p/q`` (``p <= max_numerator``) that the exact mode uses for ``gamma > 0``.
+
+    ``q/p`` is the best rational approximation of ``1/gamma`` with denominator at most ``max_numerator``
+    (continued fractions, ``Fraction.limit_denominator``): the side information per step, ``log2(q/p)``, is
+    then the closest possible to ``log2(1/gamma)``, and the per-step rounding error, below ``p + 1/2``
+    units of ``2^-k``, stays small. gamma = 0.5 is 1/2, 0.1 is 1/10, 0.94 is 47/50; gamma = 1 is 1/1.
+    A per-step gamma above 1 (O-BELM on some grids) is allowed: the multiplication is reversible for any p/q.
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float):
+        raise TypeError(f"gamma must be a python float > 0 in exact mode, got {type(gamma).__name__}")
+    if isinstance(max_numerator, bool) or not isinstance(max_numerator, int) or max_numerator < 16:
+        # best approximations satisfy |1/gamma - q/p| < 1/(p P), so log2(q/p) is within 1.45/P bits of log2(1/gamma)
+        raise ValueError(f"max_numerator must be an int >= 16 (0.1 bit of side information), got {max_numerator!r}")
+    # gamma > 1 (O-BELM's per-step gamma on some grids) works too: the buffer then gives bits back
+    if not (math.isfinite(gamma) and 0.0 < gamma <= max_numerator):
+        raise ValueError(f"gamma must lie in (0, {max_numerator}] in exact mode (0 cannot be inverted), got {gamma}")
+    # q <= 2^30 caps p at 2^30 gamma; then 1/gamma > 2^30 / P is so large that p = 1 is accurate to 0.5/2^20
+    cap = max(1, min(max_numerator, math.floor(MAX_DENOMINATOR * gamma)))
+    r = (Fraction(1) / Fraction(gamma)).limit_denominator(cap)
+    q, p = r.numerator, r.denominator
+    if q > MAX_DENOMINATOR:
+        raise ValueError(f"gamma={gamma} is too small for the exact mode (1/gamma must be below {MAX_DENOMINATOR})")
+    return p, q
+
+
+def default_frac_bits(dtype: torch.dtype) -> int:
+    """Fractional bits k for a state dtype: ``mantissa bits + 7``, at most 50.
+
+    A step's rounding error is below ``(p + 1/2) 2^-k`` with ``p <= 1024``, so k = mantissa + 7 keeps it
+    within the dtype's spacing at ``|x| = 8`` (float32: k = 30, error <= 2^-20). float64 is capped at 50
+    so that latents up to ``|x| < 2^11`` fit int64 with room (resolution 2^-50 ~ 9e-16, error per step
+    <= 2^-40 ~ 1e-12 for p = 1024).
+    """
+    if not dtype.is_floating_point:
+        raise TypeError(f"the state dtype must be floating point, got {dtype}")
+    mantissa = -round(math.log2(torch.finfo(dtype).eps))  # stored mantissa bits: 23 for float32
+    return min(mantissa + 7, 50)
+
+
+@dataclass(frozen=True)
+class Spill:
+    """31 low bits of the buffer, moved out when it could overflow, and when that happened."""
+
+    low: torch.Tensor  # int32, non-negative
+    when: tuple[float, float, float]  # (t_prev, t, t_next) of the step that spilled
+    after: Fraction  # the buffer bound right after that step (identifies it on the way back)
+    before: Fraction  # the bound before the spill (restored on the way back)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """The integer side of an exact state: the pair, the information buffer and its spilled words.
+
+    ``bound`` is a data-independent bound (``buffer + 1 <= bound`` on walks made by ``step``), updated by
+    exact rational arithmetic in both directions, so that spills and merges happen at the same steps.
+    """
+
+    X_prev: torch.Tensor
+    X: torch.Tensor
+    buffer: torch.Tensor
+    stack: tuple[Spill, ...]
+    bound: Fraction
+    frac_bits: int
+
+
+class ExactState(State):
+    """A ``State`` whose floats are the dequantised integers ``X 2^-k`` of ``fixed`` (the authoritative value).
+
+    NaN marks an element whose integer left the safe range (``bdia.sample``'s finite check then raises).
+    """
+
+    fixed: Fixed
+
+    def __new__(cls, x_prev: torch.Tensor, x: torch.Tensor, t_prev: float, t: float, fixed: Fixed | None = None):
+        self = super().__new__(cls, x_prev, x, t_prev, t)
+        self.fixed = fixed  # type: ignore[misc]
+        return self
+
+    def flipped(self) -> ExactState:
+        f = self.fixed
+        g = Fixed(f.X, f.X_prev, f.buffer, f.stack, f.bound, f.frac_bits)
+        return ExactState(self.x, self.x_prev, self.t, self.t_prev, g)
+
+
+class SideInformation(NamedTuple):
+    """Side information held by an exact state: information bits and storage bytes, per latent element."""
+
+    bits: float  # log2(buffer + 1) averaged over elements, plus 31 bits per spilled word
+    bytes: float  # the int64 buffer plus 4 bytes per spilled word
+    spills: int
+
+
+def quantise(x: torch.Tensor, frac_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round(x 2^k)`` as int64 (ties to even, in float64: exact for every float dtype) and an in-range mask."""
+    y = torch.round(x.to(torch.float64) * 2.0**frac_bits)
+    ok = y.abs() < _STATE_ROOM  # also False for NaN
+    return torch.where(ok, y, 0.0).to(torch.int64), ok
+
+
+def dequantise(X: torch.Tensor, frac_bits: int, dtype: torch.dtype, ok: torch.Tensor | None = None) -> torch.Tensor:
+    """``X 2^-k`` in ``dtype`` (through float64, so that no half-precision intermediate overflows); NaN where not ok."""
+    x = X.to(torch.float64) * 2.0**-frac_bits
+    if ok is not None:
+        x = torch.where(ok, x, math.nan)
+    return x.to(dtype)
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    if not on:
+        yield
+        return
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    # cuBLAS needs a fixed workspace for reproducible GEMMs; it must be set before cuBLAS initialises
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+class Exact:
+    """BDIA in exact fixed-point arithmetic: ``unstep(step(s))`` is ``s`` to the bit for every gamma > 0.
+
+    ``Exact(BDIA(integrator, gamma))``: ``frac_bits`` (k, default ``default_frac_bits(state dtype)``) sets the
+    resolution 2^-k; ``max_numerator`` bounds the fraction ``p/q`` that replaces gamma (see ``fraction``);
+    ``deterministic=True`` runs every model call under ``torch.use_deterministic_algorithms(True)``.
+    Works with ``bdia.sample`` / ``bdia.invert`` unchanged; states are ``ExactState`` (a ``State`` whose
+    floats are the dequantised integers). A plain ``State`` or latent passed in is quantised first.
+    """
+
+    def __init__(
+        self,
+        solver: BDIA | None = None,
+        frac_bits: int | None = None,
+        *,
+        max_numerator: int = 1024,
+        deterministic: bool = False,
+    ):
+        self.solver = BDIA() if solver is None else solver
+        if not isinstance(self.solver, BDIA):
+            raise TypeError(f"solver must be a bdia.solvers.BDIA, got {type(self.solver).__name__}")
+        if isinstance(self.solver.gamma, torch.Tensor):
+            raise TypeError("the exact mode takes a float gamma or a per-step gamma function, not a per-sample tensor")
+        if frac_bits is not None and (isinstance(frac_bits, bool) or not isinstance(frac_bits, int)):
+            raise TypeError(f"frac_bits must be an int or None, got {type(frac_bits).__name__}")
+        if frac_bits is not None and not (0 <= frac_bits <= 60):
+            raise ValueError(f"frac_bits must lie in [0, 60], got {frac_bits}")
+        fraction(1.0, max_numerator)  # validates max_numerator
+        self.frac_bits, self.max_numerator, self.deterministic = frac_bits, max_numerator, deterministic
+        self.nfe, self.order = self.solver.nfe, self.solver.order
+        # the float BDIA with gamma replaced by p/q: its drift F(x) is what each step rounds to the grid
+        self.surrogate = BDIA(self.solver.integrator, gamma=self.effective_gamma, backward=self.solver.backward)
+
+    # -- the fraction and the float surrogate ----------------------------------------------------------
+
+    def _fraction_at(self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float) -> tuple[int, int]:
+        g = self.solver._gamma_at(model, x, t_prev, t, t_next)
+        if isinstance(g, torch.Tensor):
+            raise TypeError("the exact mode needs gamma as a python float; the gamma function returned a tensor")
+        return fraction(g, self.max_numerator)
+
+    def effective_gamma(self, schedule: Schedule, t_prev: float, t: float, t_next: float) -> float:
+        """The gamma this mode actually applies, ``p/q`` (a per-step gamma function for a float ``BDIA``)."""
+        g = self.solver.gamma
+        value = g(schedule, t_prev, t, t_next) if callable(g) else g
+        p, q = fraction(float(value), self.max_numerator)
+        return p / q
+
+    # -- integer helpers --------------------------------------------------------------------------------
+
+    def _bits_for(self, dtype: torch.dtype) -> int:
+        return default_frac_bits(dtype) if self.frac_bits is None else self.frac_bits
+
+    def lift(self, state: State) -> ExactState:
+        """An ``ExactState`` for ``state``: itself, or the quantised pair with an empty buffer."""
+        if isinstance(state, ExactState):
+            k = state.fixed.frac_bits
+            if self.frac_bits is not None and k != self.frac_bits:
+                raise ValueError(f"state has frac_bits={k} but this solver uses frac_bits={self.frac_bits}")
+            return state
+        check_state(state)
+        k = self._bits_for(state.x.dtype)
+        (Xp, okp), (X, ok) = quantise(state.x_prev, k), quantise(state.x, k)
+        fixed = Fixed(Xp, X, torch.zeros_like(X), (), Fraction(1), k)
+        dt = state.x.dtype
+        return ExactState(dequantise(Xp, k, dt, okp), dequantise(X, k, dt, ok), state.t_prev, state.t, fixed)
+
+    # -- the solver protocol ----------------------------------------------------------------------------
+
+    def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> ExactState:
+        x = check_latent(x)
+        k = self._bits_for(x.dtype)
+        X0, ok0 = quantise(x, k)
+        x0 = dequantise(X0, k, x.dtype, ok0)
+        with _deterministic(self.deterministic):
+            X1, ok1 = quantise(self.solver.integrator(model, x0, t, t_next, **kw), k)
+        fixed = Fixed(X0, X1, torch.zeros_like(X0), (), Fraction(1), k)
+        return ExactState(x0, dequantise(X1, k, x.dtype, ok0 & ok1), t, t_next, fixed)
+
+    def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> ExactState:
+        s = self.lift(state)
+        f, x, t, t_prev = s.fixed, s.x, s.t, s.t_prev
+        p, q = self._fraction_at(model, x, t_prev, t, t_next)
+        with _deterministic(self.deterministic):
+            F, okF = quantise(self.surrogate.drift(model, x, t_prev, t, t_next, **kw)[1], f.frac_bits)
+        Y, buffer, stack, bound = _multiply(f.X_prev, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
+        ok = okF & (Y.abs() < _STATE_ROOM)
+        X_next = Y + F
+        fixed = Fixed(f.X, X_next, buffer, stack, bound, f.frac_bits)
+        return ExactState(x, dequantise(X_next, f.frac_bits, x.dtype, ok), t, t_next, fixed)
+
+    def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> ExactState:
+        s = self.lift(state)
+        f, x, t, t_next = s.fixed, s.x_prev, s.t_prev, s.t  # x: the shared point x_i
+        p, q = self._fraction_at(model, x, t_prev, t, t_next)
+        with _deterministic(self.deterministic):
+            F, okF = quantise(self.surrogate.drift(model, x, t_prev, t, t_next, **kw)[1], f.frac_bits)
+        Y = f.X - F
+        X_prev, buffer, stack, bound, okY = _divide(Y, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
+        fixed = Fixed(X_prev, f.X_prev, buffer, stack, bound, f.frac_bits)
+        ok = okF & okY & (X_prev.abs() < _STATE_ROOM)
+        return ExactState(dequantise(X_prev, f.frac_bits, x.dtype, ok), x, t_prev, t, fixed)
+
+    # -- reporting --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def side_information(state: ExactState) -> SideInformation:
+        """Information bits and storage bytes per latent element held in the state's buffer and spills."""
+        f = state.fixed
+        n = len(f.stack)
+        bits = float(torch.log2(f.buffer.to(torch.float64) + 1).mean()) + SPILL_BITS * n
+        return SideInformation(bits, 8.0 + 4.0 * n, n)
+
+    def __repr__(self) -> str:
+        return f"Exact({self.solver!r}, frac_bits={self.frac_bits}, max_numerator={self.max_numerator})"
+
+
+def _multiply(Y, buffer, stack, bound, p: int, q: int, when):
+    """``Y * p/q`` exactly reversibly (MacKay et al. 2018, Algorithm 1): the digit ``Y mod q`` that the
+    division destroys is pushed onto the buffer, and the digit ``buffer mod p`` that the multiplication
+    by p leaves free is popped from it. Floor semantics throughout, so negative Y works."""
+    if p == q:
+        return Y, buffer, stack, bound
+    before, used = bound, max(bound, Fraction(1))
+    spill = None
+    if used * q > _BUFFER_ROOM:
+        spill = (buffer & _MASK).to(torch.int32)
+        buffer = buffer >> SPILL_BITS
+        used = used / 2**SPILL_BITS + 1
+    buffer = buffer * q + torch.remainder(Y, q)
+    Y = torch.div(Y, q, rounding_mode="floor")
+    Y = Y * p + torch.remainder(buffer, p)
+    buffer = torch.div(buffer, p, rounding_mode="floor")
+    after = (used * q + p - 1) / p  # buffer' + 1 <= ((buffer + 1) q + p - 1) / p
+    if spill is not None:
+        stack = (*stack, Spill(spill, when, after, before))
+    return Y, buffer, stack, after
+
+
+def _divide(Y, buffer, stack, bound, p: int, q: int, when):
+    """The exact inverse of ``_multiply``; also returns a mask of elements that stayed in int64's range
+    (only walks that do not retrace a ``step``, such as inverting real data, can leave it)."""
+    if p == q:
+        return Y, buffer, stack, bound, torch.ones_like(Y, dtype=torch.bool)
+    buffer = buffer * p + torch.remainder(Y, p)
+    Y = torch.div(Y, p, rounding_mode="floor")
+    ok = Y.abs() < _STATE_ROOM // q
+    Y = Y * q + torch.remainder(buffer, q)
+    buffer = torch.div(buffer, q, rounding_mode="floor")
+    used = (bound * p - p + 1) / q
+    if stack and stack[-1].when == when and stack[-1].after == bound:
+        top = stack[-1]
+        ok = ok & (buffer <= _MASK)
+        buffer = (buffer << SPILL_BITS) | top.low.to(torch.int64)
+        return Y, buffer, stack[:-1], top.before, ok
+    return Y, buffer, stack, used, ok
