@@ -119,6 +119,20 @@ def pyplot():
     return plt
 
 
+def heatmap(ax, fig, log_values, xs: Sequence, ys: Sequence, labels, colors, title: str, xlabel: str, **imshow) -> None:
+    """An annotated gamma (rows) x N (columns) map of log10 values: one cell label and colour per cell."""
+    im = ax.imshow(log_values, origin="lower", aspect="auto", **imshow)
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7, color=colors[i][j])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("gamma")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+
+
 def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     """Least-squares slope of log(y) against log(x) (an empirical order is minus this for errors vs NFE)."""
     pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y > 0 and math.isfinite(y)]

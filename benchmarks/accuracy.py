@@ -30,7 +30,7 @@ import bdia
 from bdia.models import CountNFE, GaussianMixture
 from bdia.schedules import VP, DiscreteVP, Schedule
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM, Euler, Heun
-from benchmarks import IMG, RESULTS, loglog_slope, print_table, pyplot, save, threads
+from benchmarks import IMG, RESULTS, heatmap, loglog_slope, print_table, pyplot, save, threads
 
 __all__ = ["PROBLEMS", "SETTINGS", "methods", "run", "solve_reference"]
 
@@ -225,17 +225,11 @@ def _plot_heatmaps(maps: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(maps), figsize=(4.8 * len(maps), 4.2), squeeze=False)
     for ax, m in zip(axes[0], maps, strict=True):
         e = np.log10(np.array(m["error"]))
-        im = ax.imshow(e, origin="lower", aspect="auto", cmap="viridis")
-        ax.set_xticks(range(len(m["steps"])), [str(n) for n in m["steps"]])
-        ax.set_yticks(range(len(m["gammas"])), [f"{g:g}" for g in m["gammas"]])
-        for j, n in enumerate(m["steps"]):
-            i_best = m["gammas"].index(m["best_gamma"][n])
-            for i in range(len(m["gammas"])):
-                ax.text(j, i, f"{e[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w" if i != i_best else "r")
-        ax.set_xlabel("steps (NFE)")
-        ax.set_ylabel("gamma")
-        ax.set_title(f"BDIA-DDIM, {m['problem']}, SD leading:\nlog10 error (red: best gamma per N)", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        best = [m["gammas"].index(m["best_gamma"][n]) for n in m["steps"]]
+        labels = [[f"{e[i, j]:.1f}" for j in range(len(m["steps"]))] for i in range(len(m["gammas"]))]
+        colors = [["r" if i == best[j] else "w" for j in range(len(m["steps"]))] for i in range(len(m["gammas"]))]
+        title = f"BDIA-DDIM, {m['problem']}, SD leading:\nlog10 error (red: best gamma per N)"
+        heatmap(ax, fig, e, m["steps"], m["gammas"], labels, colors, title, "steps (NFE)", cmap="viridis")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -27,7 +27,7 @@ import torch
 import bdia
 from bdia.models import GaussianMixture
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM
-from benchmarks import IMG, RESULTS, print_table, pyplot, save, threads
+from benchmarks import IMG, RESULTS, heatmap, print_table, pyplot, save, threads
 from benchmarks.accuracy import SD, solve_reference
 
 __all__ = ["methods", "run"]
@@ -134,17 +134,26 @@ def _plot_heat(maps: dict[str, dict], path: Path) -> None:
     for ax, (dt, m) in zip(axes[0], maps.items(), strict=True):
         raw = np.array(m["error"], dtype=float)
         e = np.log10(np.clip(raw, 1e-17, 1e30))
-        im = ax.imshow(e, origin="lower", aspect="auto", cmap="magma", vmin=-16, vmax=4)
-        ax.set_xticks(range(len(m["N"])), [str(n) for n in m["N"]])
-        ax.set_yticks(range(len(m["gammas"])), [f"{g:g}" for g in m["gammas"]])
-        for i in range(len(m["gammas"])):
-            for j in range(len(m["N"])):
-                label = f"{e[i, j]:.0f}" if raw[i, j] < 1e30 else ("inf" if np.isinf(raw[i, j]) else ">30")
-                ax.text(j, i, label, ha="center", va="center", fontsize=7, color="c")
-        ax.set_xlabel("N (steps)")
-        ax.set_ylabel("gamma")
-        ax.set_title(f"BDIA-DDIM noise->sample->invert, {dt}:\nlog10 relative error", fontsize=9)
-        fig.colorbar(im, ax=ax, shrink=0.8)
+        n_g, n_n = len(m["gammas"]), len(m["N"])
+        labels = [
+            [f"{e[i, j]:.0f}" if raw[i, j] < 1e30 else ("inf" if np.isinf(raw[i, j]) else ">30") for j in range(n_n)]
+            for i in range(n_g)
+        ]
+        title = f"BDIA-DDIM noise->sample->invert, {dt}:\nlog10 relative error"
+        heatmap(
+            ax,
+            fig,
+            e,
+            m["N"],
+            m["gammas"],
+            labels,
+            [["c"] * n_n] * n_g,
+            title,
+            "N (steps)",
+            cmap="magma",
+            vmin=-16,
+            vmax=4,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
