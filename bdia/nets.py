@@ -58,16 +58,11 @@ class DigitsDenoiser(nn.Module):
 
     null_class = 10
 
-    def __init__(self, channels: int = 48, blocks: int = 5, emb_dim: int = 128, num_train_timesteps: int = 1000):
+    def __init__(self, channels: int = 32, blocks: int = 6, emb_dim: int = 128, num_train_timesteps: int = 1000):
         super().__init__()
         if channels % 8:
             raise ValueError(f"channels must be a multiple of 8 (GroupNorm groups), got {channels}")
-        self.config = {
-            "channels": channels,
-            "blocks": blocks,
-            "emb_dim": emb_dim,
-            "num_train_timesteps": (num_train_timesteps),
-        }
+        self.config = dict(channels=channels, blocks=blocks, emb_dim=emb_dim, num_train_timesteps=num_train_timesteps)
         self.emb_dim = emb_dim
         # time in [0, T) is mapped to [0, 1000): the embedding's frequencies suit that range whatever T is
         self.time_scale = 1000.0 / num_train_timesteps

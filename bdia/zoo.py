@@ -93,7 +93,10 @@ def digits_net(
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", data_dir: Path | str | None = None
 ) -> DigitsDenoiser:
     """The shipped denoiser network (eval mode, gradients off)."""
-    blob = _load(DENOISER_FILE, data_dir)
+    return _denoiser(_load(DENOISER_FILE, data_dir), dtype, device)
+
+
+def _denoiser(blob: dict[str, Any], dtype: torch.dtype, device: torch.device | str) -> DigitsDenoiser:
     net = DigitsDenoiser(**blob["config"])
     net.load_state_dict(blob["state_dict"])
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -113,8 +116,8 @@ def digits(
     ``(batch,)`` int64 tensor. ``dtype``: the network's (and so the states') dtype, e.g. float64 for
     round trips exact to ~1e-15.
     """
-    net = digits_net(dtype, device, data_dir)
     blob = _load(DENOISER_FILE, data_dir)
+    net = _denoiser(blob, dtype, device)
     schedule = digits_schedule(blob["config"]["num_train_timesteps"])
     if guidance is None:
         return Model(net, schedule, blob["prediction"])
