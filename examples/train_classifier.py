@@ -81,29 +81,14 @@ def train(args: argparse.Namespace) -> Path:
             print(
                 f"step {step + 1:5d}  loss {loss.item():.4f}  held-out acc {acc:.4f}  {time.perf_counter() - t0:.1f}s"
             )
-    blob = {
-        "state_dict": {k: v.clone() for k, v in net.state_dict().items()},
-        "config": net.config,
-        "heldout_accuracy": acc,
-        "train": {k: v for k, v in vars(args).items() if isinstance(v, int | float | str) and k != "out"},
-    }
-    path = out / zoo.CLASSIFIER_FILE
-    torch.save(blob, path)
+    path = td.save_weights(out / zoo.CLASSIFIER_FILE, net.state_dict(), net.config, args, heldout_accuracy=acc)
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB); held-out accuracy {acc:.4f}")
     return path
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(zoo.DATA_DIR))
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--log-every", type=int, default=250)
-    p.add_argument("--smoke", action="store_true", help="a few tiny steps (the test suite's check)")
+    _train_digits_module().add_common_arguments(p, steps=1500, lr=3e-3)
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.log_every = 3, 8, 1

@@ -99,36 +99,48 @@ def train(args: argparse.Namespace) -> Path:
             )
             running = 0.0
 
-    blob = {
-        "state_dict": {k: v.clone() for k, v in ema.state_dict().items()},
-        "config": net.config,
-        "prediction": "epsilon",
-        "schedule": "scaled_linear 0.00085..0.012",
-        "train": {k: v for k, v in vars(args).items() if isinstance(v, int | float | str) and k != "out"},
-    }
-    path = out / zoo.DENOISER_FILE
-    torch.save(blob, path)
+    path = save_weights(
+        out / zoo.DENOISER_FILE,
+        ema.state_dict(),
+        net.config,
+        args,
+        prediction="epsilon",
+        schedule="scaled_linear 0.00085..0.012",
+    )
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB) after {time.perf_counter() - t0:.1f}s")
+    return path
+
+
+def add_common_arguments(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
+    """The options both training scripts share (the classifier's script imports this one)."""
+    p.add_argument("--out", default=str(zoo.DATA_DIR), help="folder for the weights and the held-out digits")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=250)
+    p.add_argument("--smoke", action="store_true", help="a few tiny steps (the test suite's check)")
+
+
+def save_weights(path: Path, state_dict: dict, config: dict, args: argparse.Namespace, **extra) -> Path:
+    """Weights, the network's config and the training options (not the output folder: no absolute paths)."""
+    train = {k: v for k, v in vars(args).items() if isinstance(v, int | float | str) and k != "out"}
+    blob = {"state_dict": {k: v.clone() for k, v in state_dict.items()}, "config": config, **extra, "train": train}
+    torch.save(blob, path)
     return path
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(zoo.DATA_DIR), help="folder for the weights and the held-out digits")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
+    add_common_arguments(p, steps=3000, lr=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--channels", type=int, default=32)
     p.add_argument("--blocks", type=int, default=6)
     p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--log-every", type=int, default=250)
-    p.add_argument("--smoke", action="store_true", help="a few tiny steps (the test suite's check)")
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.batch, args.warmup, args.log_every = 3, 8, 1, 1
