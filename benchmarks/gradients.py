@@ -161,7 +161,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         rs = [r for r in rows if r["method"] == name]
         a.plot([r["N"] for r in rs], [r["peak MB"] for r in rs], "o-", label=name)
         b.plot([r["N"] for r in rs], [r["(fwd+bwd) / forward pass"] for r in rs], "o-", label=name)
-    a.set(xscale="log", yscale="log", xlabel="steps N", ylabel="peak memory above baseline [MB]")
+    # quick mode measures in-process, where the peak above the baseline can be 0: no log axis then
+    mem_scale = "log" if all(r["peak MB"] > 0 for r in rows) else "linear"
+    a.set(xscale="log", yscale=mem_scale, xlabel="steps N", ylabel="peak memory above baseline [MB]")
     a.set_title("memory of a gradient through sampling")
     b.set(xscale="log", xlabel="steps N", ylabel="(forward + backward) / one sampling pass")
     b.axhline(3.0, color="grey", ls=":", lw=1)
