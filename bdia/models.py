@@ -274,10 +274,10 @@ class GaussianMixture:
         if x[0].numel() != self.dim:
             raise ValueError(f"x has {x[0].numel()} elements per sample, the mixture has dim {self.dim}")
         xf = x.reshape(B, self.dim).to(torch.float64)
-        mu, s2 = self.means.to(xf.device), self.stds.to(xf.device) ** 2
+        mu, s2, w = self._on(xf.device)
         v = k.alpha**2 * s2 + k.sigma**2  # (K,)
         diff = xf[:, None, :] - k.alpha * mu[None]  # (B, K, D)
-        logits = self.weights.to(xf.device).log() - 0.5 * diff.pow(2).sum(-1) / v - 0.5 * self.dim * v.log()
+        logits = w.log() - 0.5 * diff.pow(2).sum(-1) / v - 0.5 * self.dim * v.log()
         if labels is not None:
             labels = labels.to(xf.device)
             keep = (labels[:, None] < 0) | (labels[:, None] == torch.arange(len(v), device=xf.device))
@@ -286,6 +286,13 @@ class GaussianMixture:
         x0 = (r * (mu[None] + (k.alpha * s2 / v)[None, :, None] * diff)).sum(1)
         eps = (r * ((k.sigma / v)[None, :, None] * diff)).sum(1)
         return Prediction(x0.reshape(x.shape).to(x.dtype), eps.reshape(x.shape).to(x.dtype))
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the parameters copied once per device, so that evaluations on a GPU make no host-to-device copies
+        cache = self.__dict__.setdefault("_per_device", {})
+        if device not in cache:
+            cache[device] = (self.means.to(device), self.stds.to(device) ** 2, self.weights.to(device))
+        return cache[device]
 
     def __repr__(self) -> str:
         return f"GaussianMixture(components={self.means.shape[0]}, dim={self.dim}, {self.schedule})"

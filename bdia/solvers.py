@@ -178,6 +178,7 @@ class BDIA:
             lo, hi = float(gamma.min()), float(gamma.max())  # once, at construction (not in the step loop)
             _check_gamma(lo), _check_gamma(hi)
             self._gamma_min = lo
+            self._gamma_on: dict[torch.device, torch.Tensor] = {}  # a copy per device: no copy in the step loop
         self.gamma = gamma
         self.nfe = self.integrator.nfe + self.backward.nfe - 1
         # The nominal order on smooth grids: gamma = 1 with the same method both ways is a symmetric
@@ -200,7 +201,10 @@ class BDIA:
         if isinstance(g, torch.Tensor):
             if g.shape[0] != x.shape[0]:
                 raise ValueError(f"gamma has {g.shape[0]} entries but the batch has {x.shape[0]} samples")
-            return g.to(device=x.device, dtype=torch.float64).reshape(-1, *([1] * (x.dim() - 1)))
+            on = self._gamma_on.get(x.device)
+            if on is None:
+                on = self._gamma_on[x.device] = g.to(device=x.device, dtype=torch.float64)
+            return on.reshape(-1, *([1] * (x.dim() - 1)))
         value = g(model.schedule, t_prev, t, t_next)
         if isinstance(value, torch.Tensor):
             return value

@@ -207,10 +207,16 @@ def test_cuda_sampling_stays_on_device_without_host_syncs():
     model = Model(net, s)
     ts = s.timesteps(20, "leading", steps_offset=1)
     noise = torch.randn(4, 8, device="cuda", dtype=torch.float64)
+    per_sample = BDIA(DDIM(), torch.tensor([1.0, 0.9, 0.8, 1.0]))  # a CPU gamma tensor: copied once, not per step
+    gmm = model_for("sd", None)
+    bdia.sample(gmm, noise, ts[:3], BDIA())  # warm the mixture's per-device copies
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = bdia.sample(model, noise, ts, BDIA(), check_finite=False)
         back = bdia.invert(model, out, ts, BDIA(), check_finite=False)
+        bdia.sample(model, noise, ts, per_sample, check_finite=False)
+        bdia.sample(model, noise, ts, per_sample, check_finite=False)
+        bdia.sample(gmm, noise, ts, BDIA(), check_finite=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.x.device.type == "cuda" and back.x.dtype == torch.float64
