@@ -209,12 +209,12 @@ def test_cuda_sampling_stays_on_device_without_host_syncs():
     noise = torch.randn(4, 8, device="cuda", dtype=torch.float64)
     per_sample = BDIA(DDIM(), torch.tensor([1.0, 0.9, 0.8, 1.0]))  # a CPU gamma tensor: copied once, not per step
     gmm = model_for("sd", None)
-    bdia.sample(gmm, noise, ts[:3], BDIA())  # warm the mixture's per-device copies
+    bdia.sample(gmm, noise, ts[:3], BDIA())  # warm the per-device copies (one host-to-device copy each)
+    bdia.sample(model, noise, ts[:3], per_sample)
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = bdia.sample(model, noise, ts, BDIA(), check_finite=False)
         back = bdia.invert(model, out, ts, BDIA(), check_finite=False)
-        bdia.sample(model, noise, ts, per_sample, check_finite=False)
         bdia.sample(model, noise, ts, per_sample, check_finite=False)
         bdia.sample(gmm, noise, ts, BDIA(), check_finite=False)
     finally:
