@@ -61,10 +61,18 @@ def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -
     grid = check_grid(ts, getattr(model, "schedule", None))
     if not forward:
         grid = grid[::-1]
+    stepped = isinstance(x, torch.Tensor)  # a lone latent: the solver's init may take the first step
+    bad_input = ~torch.isfinite(x).all() if check_finite and stepped else None
     state, k = _begin(model, x, grid, solver, forward, kw)
+    stepped = stepped and k == 1
     if check_finite:
-        bad = _nonfinite(state)
-        first_bad = torch.where(bad, -1, len(grid))  # step index of the first failure, kept on the device
+        bad = _nonfinite(state) if bad_input is None else bad_input | _nonfinite(state)
+        # where the first failure happened, kept on the device: -2 the input, -1 the state at grid[k]
+        first_bad = (
+            torch.where(bad, -1, len(grid))
+            if bad_input is None
+            else torch.where(bad_input, -2, torch.where(bad, -1, len(grid)))
+        )
     if callback is not None:
         callback(_facing(state, forward))
     move = solver.step if forward else solver.unstep
@@ -81,7 +89,10 @@ def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -
     if check_finite and bool(bad):
         at = int(first_bad)
         j = k + 1 + at  # the grid index the failing step went to
-        where = "in the input" if at < 0 else f"in step {j} of {len(grid) - 1} (t = {grid[j - 1]} -> {grid[j]})"
+        if at == -2 or (at == -1 and not stepped):
+            where = "in the input"
+        else:
+            where = f"in step {j} of {len(grid) - 1} (t = {grid[j - 1]} -> {grid[j]})"
         raise FloatingPointError(
             f"non-finite values (NaN or inf) produced {where}: check the model output, the schedule's end "
             "points (an epsilon model cannot give x0 where alpha = 0) and the state's dtype range"

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 from bdia.models import GaussianMixture, Model
 from bdia.schedules import EDM, VP, DiscreteVP, Flow, Schedule
+
+# CI runs the same examples every time (a red build must mean a change broke something, not a new draw);
+# local runs keep exploring fresh examples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
 @pytest.fixture(scope="session", autouse=True)

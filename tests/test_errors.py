@@ -10,7 +10,7 @@ import torch
 import bdia
 from bdia.models import CFG, GaussianMixture, Model
 from bdia.schedules import EDM, VP, DiscreteVP, Flow, check_grid
-from bdia.solvers import BDIA, DDIM, Heun
+from bdia.solvers import BDIA, DDIM, Euler, Heun
 from bdia.state import State
 from tests.conftest import model_for, schedule
 
@@ -153,6 +153,15 @@ def test_nan_produced_is_reported_with_its_step():
         bdia.sample(Model(net, s), torch.zeros(2, 4), SD_TS, BDIA())
     with pytest.raises(FloatingPointError, match="in the input"):
         bdia.sample(model_for("sd", None), torch.full((2, 8), math.nan), SD_TS, BDIA())
+
+
+def test_overflow_in_the_first_step_is_reported_as_that_step():
+    """cosine betas at t = 999 (alpha = 4.9e-5), an epsilon model answering 6e4, float16: x0 is out of range."""
+    s = schedule("cosine")
+    model = Model(lambda x, t: torch.full_like(x, 6e4), s, "epsilon")
+    ts = torch.tensor([999.0, 0.0, -1.0], dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"in step 1 of 2 \(t = 999.0 -> 0.0\)"):
+        bdia.sample(model, torch.ones(3, 8, dtype=torch.float16), ts, BDIA(Euler()))
 
 
 def test_epsilon_model_where_alpha_is_zero_is_reported():

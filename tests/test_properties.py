@@ -42,8 +42,12 @@ def amplification(solver: BDIA, s, times: list[float]) -> float:
     return amp
 
 
-def compatible(kind: str, prediction: str | None, ts: torch.Tensor, from_data: bool) -> bool:
-    """An epsilon model cannot give x0 where alpha = 0; an x0 model cannot give eps where sigma = 0."""
+def compatible(kind: str, prediction: str | None, ts: torch.Tensor, from_data: bool, dtype: torch.dtype) -> bool:
+    """An epsilon model cannot give x0 where alpha = 0; an x0 model cannot give eps where sigma = 0.
+
+    In half precision an epsilon model where alpha < 1e-3 (cosine betas at t = 999: 4.9e-5) needs coefficients
+    of 1/alpha and more, beyond float16's range on coarse steps: the library reports the overflow (tested in
+    test_errors), the round-trip property does not apply."""
     s = schedule(kind)
     if prediction == "epsilon" and s.at(float(ts[0])).alpha == 0:
         return False
@@ -63,7 +67,7 @@ def cases(draw, from_data: bool):
     n = draw(st.integers(2, n_max))
     ts = grid(kind, n, draw(st.integers(0, 5)))
     prediction = draw(st.sampled_from([None, "epsilon", "sample", "v", "velocity"]))
-    if not compatible(kind, prediction, ts, from_data):
+    if not compatible(kind, prediction, ts, from_data, dtype):
         prediction = "velocity"
     integrator = INTEGRATORS[draw(st.sampled_from(sorted(INTEGRATORS)))]()
     solver = BDIA(integrator, gamma=obelm_gamma if use_obelm else gamma)
