@@ -44,9 +44,9 @@ def lincomb(*terms: tuple[Coef, torch.Tensor]) -> torch.Tensor:
         T = tensor[key]
         if isinstance(c, torch.Tensor):
             c = c.to(acc)
-            out = T.to(acc) * c if out is None else out.addcmul_(T, c)
+            out = (T if acc is dtype else T.to(acc)) * c if out is None else out.addcmul_(T, c)
         elif c != 0:
-            out = T.to(acc) * c if out is None else out.add_(T, alpha=c)
+            out = (T if acc is dtype else T.to(acc)) * c if out is None else out.add_(T, alpha=c)
     if out is None:
         return torch.zeros_like(terms[0][1])
     return out if acc == dtype else out.to(dtype)

@@ -228,7 +228,7 @@ class BDIA:
         tensor), computed with the same terms in the same order by ``step`` and ``unstep``: the same bits both
         ways, so a round trip only sees the rounding of ``gamma x_prev + F`` and its inverse, never that of F.
         """
-        g = self._gamma_at(model, x, t_prev, t, t_next)
+        g = self.gamma if type(self.gamma) is float else self._gamma_at(model, x, t_prev, t, t_next)
         pred = model(x, t, **kw)
         forward = self.integrator.terms(model, x, t, t_next, pred, **kw)
         back = self.backward.terms(model, x, t, t_prev, pred, **kw)
