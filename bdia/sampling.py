@@ -80,7 +80,7 @@ def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -
         for i, t in enumerate(grid[k + 1 :]):
             state = move(model, state, t, **kw)
             if check_finite:
-                now = _nonfinite(state)
+                now = _nonfinite(state, forward)
                 first_bad = torch.where(now & ~bad, i, first_bad)
                 bad = bad | now
             if callback is not None:
@@ -106,8 +106,13 @@ def _facing(state: State, forward: bool) -> State:
     return state if forward or state.t_prev == state.t else state.flipped()
 
 
-def _nonfinite(state: State) -> torch.Tensor:
-    return ~(torch.isfinite(state.x).all() & torch.isfinite(state.x_prev).all())
+def _nonfinite(state: State, forward: bool | None = None) -> torch.Tensor:
+    """True (on the device) if a latent of ``state`` is not finite. After a step (``forward`` given) only the
+    latent that step made is read, since the other was checked as the previous step's; a pair at one time
+    (EDICT) is new on both sides."""
+    if forward is None or state.t_prev == state.t:
+        return ~(torch.isfinite(state.x).all() & torch.isfinite(state.x_prev).all())
+    return ~torch.isfinite(state.x if forward else state.x_prev).all()
 
 
 def _begin(model, x, grid: list[float], solver, forward: bool, kw) -> tuple[State, int]:

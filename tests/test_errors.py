@@ -155,6 +155,19 @@ def test_nan_produced_is_reported_with_its_step():
         bdia.sample(model_for("sd", None), torch.full((2, 8), math.nan), SD_TS, BDIA())
 
 
+def test_nan_produced_while_inverting_is_reported_with_its_step():
+    """Inversion rebuilds x_prev at every step: that is the latent the check must read."""
+    s = schedule("sd")
+
+    def net(x, t):
+        return torch.full_like(x, math.nan) if float(t[0]) > 500 else torch.zeros_like(x)
+
+    with pytest.raises(FloatingPointError, match=r"in step 7 of 10 \(t = 501.0 -> 601.0\)"):
+        bdia.invert(Model(net, s), torch.zeros(2, 4), SD_TS, BDIA())
+    with pytest.raises(FloatingPointError, match=r"in step 7 of 10 \(t = 501.0 -> 601.0\)"):
+        bdia.invert(Model(net, s), torch.zeros(2, 4), SD_TS, DDIM())
+
+
 def test_overflow_in_the_first_step_is_reported_as_that_step():
     """cosine betas at t = 999 (alpha = 4.9e-5), an epsilon model answering 6e4, float16: x0 is out of range."""
     s = schedule("cosine")
