@@ -43,12 +43,8 @@ def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def train(args: argparse.Namespace) -> Path:
-    torch.manual_seed(args.seed)
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     td = _train_digits_module()
+    out = td.prepare(args)
     images, labels = td.load_digits()
     train_idx, held_idx = zoo.split_indices(labels, n_heldout=360, seed=args.split_seed)
     held_file = out / zoo.HELDOUT_FILE

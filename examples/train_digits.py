@@ -45,12 +45,18 @@ def save_heldout(out: Path, images: torch.Tensor, labels: torch.Tensor, heldout:
     torch.save(blob, out / zoo.HELDOUT_FILE)
 
 
-def train(args: argparse.Namespace) -> Path:
+def prepare(args: argparse.Namespace) -> Path:
+    """Seed, deterministic kernels and thread count (reproducibility), and the output folder: both scripts."""
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(args: argparse.Namespace) -> Path:
+    out = prepare(args)
 
     images, labels = load_digits()
     train_idx, held_idx = zoo.split_indices(labels, n_heldout=360, seed=args.split_seed)
