@@ -10,19 +10,21 @@ Every solver offers three pure functions of a denoiser, a state and the grid tim
 An integrator is itself a (one-step) solver: its ``step`` ignores ``x_prev`` and its ``unstep`` is the
 classic approximate inversion (one integrator step from the front of the inversion walk).
 Each integrator writes its step as a list of ``(coefficient, tensor)`` terms, so that a wrapper such
-as BDIA can fuse its whole update into a single linear combination with float64 coefficients.
+as BDIA can fuse its whole update into a single linear combination with float64 coefficients. A
+single-evaluation integrator (Euler, DDIM) is affine in ``(x, x0, eps)`` and gives just its three
+coefficients, from which BDIA precomputes its whole step once per grid point.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from bdia.linalg import Coef, Terms, lincomb, scaled
+from bdia.linalg import _ZERO, Coef, Terms, factored, lincomb, scaled
 from bdia.models import Denoiser, Prediction
 from bdia.schedules import Schedule
 from bdia.state import State
@@ -33,14 +35,28 @@ GammaFn = Callable[[Schedule, float, float, float], float]
 
 
 class Integrator(ABC):
-    """A one-step map ``Phi(x; t -> s)`` of the probability-flow ODE that can reuse an evaluation at its start."""
+    """A one-step map ``Phi(x; t -> s)`` of the probability-flow ODE that can reuse an evaluation at its start.
+
+    A single-evaluation integrator implements ``coefficients``; a multi-stage one (Heun) implements ``terms``.
+    """
 
     order: int
     nfe: int  # model evaluations per step, the one at the start point included
 
-    @abstractmethod
+    def coefficients(self, schedule: Schedule, t: float, s: float) -> tuple[float, float, float]:
+        """``(A, B, C)`` with ``Phi(x; t -> s) = A x + B x0 + C eps``, for a step that uses only the prediction
+        ``(x0, eps)`` at its start: three float64 numbers that depend on the times alone."""
+        raise NotImplementedError(f"{self!r} is not affine in (x, x0, eps): it evaluates the model more than once")
+
+    @property
+    def affine(self) -> bool:
+        """Whether the step is ``A x + B x0 + C eps`` (the integrator implements ``coefficients``)."""
+        return type(self).coefficients is not Integrator.coefficients
+
     def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
         """``Phi(x; t -> s)`` as terms of a linear combination, given the prediction ``pred`` at ``(x, t)``."""
+        A, B, C = self.coefficients(model.schedule, t, s)
+        return [(A, x), *scaled(B, pred.x0_terms), *scaled(C, pred.eps_terms)]
 
     @property
     def first_order(self) -> Integrator:
@@ -77,9 +93,9 @@ class Euler(Integrator):
 
     order, nfe = 1, 1
 
-    def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
-        k, h = model.schedule.at(t), s - t
-        return [(1.0, x), *scaled(h * k.dalpha, pred.x0_terms), *scaled(h * k.dsigma, pred.eps_terms)]
+    def coefficients(self, schedule: Schedule, t: float, s: float) -> tuple[float, float, float]:
+        k, h = schedule.at(t), s - t
+        return 1.0, h * k.dalpha, h * k.dsigma
 
 
 class DDIM(Integrator):
@@ -90,9 +106,9 @@ class DDIM(Integrator):
 
     order, nfe = 1, 1
 
-    def terms(self, model: Denoiser, x: torch.Tensor, t: float, s: float, pred: Prediction, **kw: Any) -> Terms:
-        k = model.schedule.at(s)
-        return [*scaled(k.alpha, pred.x0_terms), *scaled(k.sigma, pred.eps_terms)]
+    def coefficients(self, schedule: Schedule, t: float, s: float) -> tuple[float, float, float]:
+        k = schedule.at(s)
+        return 0.0, k.alpha, k.sigma
 
 
 class Heun(Integrator):
@@ -181,6 +197,9 @@ class BDIA:
             self._gamma_on: dict[torch.device, torch.Tensor] = {}  # a copy per device: no copy in the step loop
         self.gamma = gamma
         self.nfe = self.integrator.nfe + self.backward.nfe - 1
+        # Both maps affine in (x, x0, eps): the whole step is three numbers per grid point, computed once
+        self._affine = self.integrator.affine and self.backward.affine
+        self._plans: dict[tuple, tuple[Coef, Coef, Coef]] = {}
         # The nominal order on smooth grids: gamma = 1 with the same method both ways is a symmetric
         # (leapfrog-type) two-step scheme and O-BELM's gamma cancels the step-ratio error, both order 2;
         # any other gamma > 0 keeps a first-order correction term (measured: BDIA(Heun) with its default
@@ -224,40 +243,78 @@ class BDIA:
     ) -> tuple[Coef, torch.Tensor]:
         """``(gamma, F)`` with ``x_next = gamma x_prev + F(x)``: the split that makes the step invertible.
 
-        ``F(x) = Phi(x; t -> t_next) - gamma Phi_b(x; t -> t_prev)`` is one fused linear combination (a fresh
-        tensor), computed with the same terms in the same order by ``step`` and ``unstep``: the same bits both
-        ways, so a round trip only sees the rounding of ``gamma x_prev + F`` and its inverse, never that of F.
+        ``F(x) = Phi(x; t -> t_next) - gamma Phi_b(x; t -> t_prev)``, one fused linear combination (a fresh
+        tensor). ``step`` and ``unstep`` use it factored, ``F = s T`` (``split``).
+        """
+        g, s, T = self.split(model, x, t_prev, t, t_next, **kw)
+        return g, (T if s == 1.0 else T.mul_(s))
+
+    def split(
+        self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float, **kw: Any
+    ) -> tuple[Coef, Coef, torch.Tensor]:
+        """``(gamma, s, T)`` with ``F = s T`` (``bdia.linalg.factored``): one model evaluation at ``(x, t)``.
+
+        ``step`` and ``unstep`` compute T with the same terms in the same order, so T has the same bits both
+        ways and ``s T`` enters both through add's ``alpha`` (one fused multiply-add per element, or the same
+        rounded product): a round trip sees only the rounding of ``gamma x_prev + s T`` and its inverse.
         """
         g = self.gamma if type(self.gamma) is float else self._gamma_at(model, x, t_prev, t, t_next)
         pred = model(x, t, **kw)
+        if self._affine:
+            A, B, C = self._plan(model.schedule, t_prev, t, t_next, g)
+            return g, *factored((A, x), *scaled(B, pred.x0_terms), *scaled(C, pred.eps_terms))
         forward = self.integrator.terms(model, x, t, t_next, pred, **kw)
         back = self.backward.terms(model, x, t, t_prev, pred, **kw)
-        return g, lincomb(*forward, *scaled(-g, back))
+        return g, *factored(*forward, *scaled(-g, back))
+
+    def _plan(self, schedule: Schedule, t_prev: float, t: float, t_next: float, g: Coef) -> tuple[Coef, Coef, Coef]:
+        """F's coefficients on ``(x, x0, eps)``: the forward map's minus gamma times the backward map's."""
+        key = (schedule, t_prev, t, t_next, g) if isinstance(g, float) else None
+        plan = self._plans.get(key) if key else None
+        if plan is None:
+            f = self.integrator.coefficients(schedule, t, t_next)
+            b = self.backward.coefficients(schedule, t, t_prev)
+            plan = (f[0] - g * b[0], f[1] - g * b[1], f[2] - g * b[2])
+            if key and len(self._plans) < 1 << 16:
+                self._plans[key] = plan
+        return plan
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
-        g, F = self.drift(model, state.x, state.t_prev, state.t, t_next, **kw)
+        g, s, T = self.split(model, state.x, state.t_prev, state.t, t_next, **kw)
         x_prev = state.x_prev
-        x_next = F.addcmul_(x_prev, g.to(F.dtype)) if isinstance(g, torch.Tensor) else F.add_(x_prev, alpha=g)
+        if isinstance(g, torch.Tensor):
+            x_next = torch.mul(x_prev, g.to(x_prev.dtype)).add_(T, alpha=s)
+        elif g == 1.0:
+            x_next = _plus(x_prev, s, T)  # two passes over memory for the whole step
+        else:
+            x_next = torch.add(_ZERO, x_prev, alpha=g).add_(T, alpha=s)
         return State(state.x, x_next, state.t, t_next)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
         x, t = state.x_prev, state.t_prev  # the shared point x_i
         if isinstance(self.gamma, torch.Tensor) and self._gamma_min == 0:
             raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
-        g, F = self.drift(model, x, t_prev, t, state.t, **kw)
+        g, s, T = self.split(model, x, t_prev, t, state.t, **kw)
         if isinstance(g, float) and g == 0:
             raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
-        diff = torch.sub(state.x, F)
+        x_prev = _plus(state.x, -s, T)
         if isinstance(g, torch.Tensor):
-            diff.div_(g.to(diff.dtype))
+            x_prev.div_(g.to(x_prev.dtype))
         elif g != 1.0:
-            diff.div_(g)
-        x_prev = diff
+            x_prev.div_(g)
         return State(x_prev, x, t_prev, t)
 
     def __repr__(self) -> str:
         g = getattr(self.gamma, "__name__", self.gamma)
         return f"BDIA({self.integrator!r}, gamma={g}, backward={self.backward!r})"
+
+
+def _plus(y: torch.Tensor, s: float, T: torch.Tensor) -> torch.Tensor:
+    """``y + s T`` written over ``T``, a fresh intermediate: it saves an allocation, which on CPU costs as much as
+    a pass over a small latent. Autograd refuses ``out=``, so a recorded step allocates."""
+    if torch.is_grad_enabled() and (y.requires_grad or T.requires_grad):
+        return torch.add(y, T, alpha=s)
+    return torch.add(y, T, alpha=s, out=T)
 
 
 def _check_gamma(g: float, where: str = "") -> None:
@@ -308,7 +365,7 @@ class EDICT:
         self.integrator = DDIM() if integrator is None else integrator
         if not isinstance(self.integrator, Integrator):
             raise TypeError(f"integrator must be a bdia.solvers.Integrator, got {type(self.integrator).__name__}")
-        if self.integrator.nfe != 1:
+        if not self.integrator.affine:
             raise ValueError(
                 f"EDICT needs a single-evaluation integrator (DDIM or Euler), got {self.integrator!r} with "
                 f"{self.integrator.nfe} evaluations per step: its step is not affine in the latent for a fixed eps"
@@ -320,26 +377,12 @@ class EDICT:
             raise ValueError(f"p must lie in (0, 1] (the mixing weight; the paper uses 0.93), got {p}")
         self.p = p
 
-    def _affine(self, model: Denoiser, z: torch.Tensor, t: float, s: float, eps: torch.Tensor) -> tuple[float, float]:
-        """``(A, B)`` with ``Phi(z; t -> s) = A z + B eps`` when the prediction's eps is ``eps``: the integrator's
-        terms are read off by tensor identity, with ``x0 = (z - sigma_t eps) / alpha_t`` substituted."""
-        k = model.schedule.at(t)
-        x0 = z.new_empty(0)  # a marker: a single-evaluation integrator only weighs the prediction
-        A, B = 0.0, 0.0
-        for c, T in self.integrator.terms(model, z, t, s, Prediction(x0, eps)):
-            if isinstance(c, torch.Tensor):
-                raise TypeError("EDICT needs float coefficients from its integrator, got a tensor")
-            if T is z:
-                A += c
-            elif T is eps:
-                B += c
-            elif T is x0:
-                A, B = A + c / k.alpha, B - c * k.sigma / k.alpha
-            else:
-                raise ValueError(
-                    f"{self.integrator!r} is not a linear combination of x, x0 and eps: EDICT cannot use it"
-                )
-        return A, B
+    def _affine(self, schedule: Schedule, t: float, s: float) -> tuple[float, float]:
+        """``(A, B)`` with ``Phi_e(z; t -> s) = A z + B e`` for a noise prediction ``e``: the integrator's
+        coefficients with ``x0 = (z - sigma_t e) / alpha_t`` substituted."""
+        k = schedule.at(t)
+        a, b, c = self.integrator.coefficients(schedule, t, s)
+        return a + b / k.alpha, c - b * k.sigma / k.alpha
 
     def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
         """Both copies start as ``x`` (the paper's ``x_T = y_T``); no step is taken."""
@@ -349,7 +392,7 @@ class EDICT:
         y, x, t = state.x_prev, state.x, _same_time(state)
         p = self.p
         e = model(y, t, **kw).eps
-        A, B = self._affine(model, x, t, t_next, e)
+        A, B = self._affine(model.schedule, t, t_next)
         x_mid = lincomb((A, x), (B, e))
         y_mid = lincomb((A, y), (B, model(x_mid, t, **kw).eps))
         x_new = lincomb((p, x_mid), (1.0 - p, y_mid))
@@ -361,7 +404,7 @@ class EDICT:
         y_mid = lincomb((inv, y_new), (-(1.0 - self.p) * inv, x_new))
         x_mid = lincomb((inv, x_new), (-(1.0 - self.p) * inv, y_mid))
         e = model(x_mid, t_prev, **kw).eps
-        A, B = self._affine(model, y_mid, t_prev, s, e)
+        A, B = self._affine(model.schedule, t_prev, s)
         y = lincomb((1.0 / A, y_mid), (-B / A, e))
         e = model(y, t_prev, **kw).eps
         return State(y, lincomb((1.0 / A, x_mid), (-B / A, e)), t_prev, t_prev)
