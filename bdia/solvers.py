@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bdia.linalg import _ZERO, Coef, Terms, factored, lincomb, scaled
+from bdia.linalg import Coef, Terms, factored, lincomb, scaled
 from bdia.models import Denoiser, Prediction
 from bdia.schedules import Schedule
 from bdia.state import State
@@ -286,8 +286,10 @@ class BDIA:
             x_next = torch.mul(x_prev, g.to(x_prev.dtype)).add_(T, alpha=s)
         elif g == 1.0:
             x_next = _plus(x_prev, s, T)  # two passes over memory for the whole step
+        elif g == 0.0:
+            x_next = T.mul_(s)  # the plain integrator's update, to the bit
         else:
-            x_next = torch.add(_ZERO, x_prev, alpha=g).add_(T, alpha=s)
+            x_next = _plus(x_prev, s / g, T).mul_(g)  # g (x_prev + (s/g) T): three passes, one allocation
         return State(state.x, x_next, state.t, t_next)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
@@ -297,11 +299,12 @@ class BDIA:
         g, s, T = self.split(model, x, t_prev, t, state.t, **kw)
         if isinstance(g, float) and g == 0:
             raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
-        x_prev = _plus(state.x, -s, T)
         if isinstance(g, torch.Tensor):
-            x_prev.div_(g.to(x_prev.dtype))
-        elif g != 1.0:
-            x_prev.div_(g)
+            x_prev = _plus(state.x, -s, T).div_(g.to(T.dtype))
+        elif g == 1.0:
+            x_prev = _plus(state.x, -s, T)
+        else:  # the step's g (x_prev + (s/g) T) undone in reverse order, (s/g) T the same product both ways
+            x_prev = torch.div(state.x, g).add_(T, alpha=-s / g)
         return State(x_prev, x, t_prev, t)
 
     def __repr__(self) -> str:

@@ -2,9 +2,12 @@
 
 1. Per-step solver overhead on 4x4x64x64 float32 latents, the model excluded: diffusers'
    ``DDIMScheduler.step``, a ``torch.add`` over the same tensors (the memory floor: one allocation and one
-   pass), and our DDIM and BDIA-DDIM steps, (a) given the prediction ``(x0, eps)`` and (b) given a network's
-   epsilon output through the ``bdia.models.Model`` adapter (diffusers' situation: it converts eps to x0 too).
-   Each candidate runs ``inner`` back-to-back calls per round, rounds interleaved, medians reported.
+   pass), and our DDIM and BDIA-DDIM steps (a) given the prediction ``(x0, eps)``, (b) given an epsilon
+   network's output, as the prediction that ``bdia.models.Model`` makes of it (diffusers' situation: its step
+   gets the output and converts eps to x0 too), and (c) through ``Model`` around a network that returns that
+   output (which adds the adapter: building the time tensor and checking the output); and the least an eager
+   BDIA-DDIM step can do, two ``torch.add`` with precomputed coefficients. Each candidate runs ``inner``
+   back-to-back calls per round, rounds interleaved, medians reported.
 2. End to end with a small convolutional network: BDIA-DDIM / DDIM and EDICT / DDIM wall-time ratios.
 3. Peak memory of sampling vs N: the bytes that the C allocator has handed out (glibc ``mallinfo2``: torch's
    CPU tensors live there), sampled inside every model call and after every step, minus those held before.
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 import bdia
-from bdia.models import Model, Prediction
+from bdia.models import PREDICTIONS, Model, Prediction
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM, EDICT
 from bdia.state import State
@@ -45,6 +48,21 @@ class _Fixed:
 
     def __call__(self, x: torch.Tensor, t: float, **kw) -> Prediction:
         return self.pred
+
+
+class _GivenEps:
+    """A denoiser given an epsilon-network's output: the prediction that ``Model`` makes from ``(x, out)`` (x0 and
+    eps as terms in x and out), without calling a network or building its time tensor. diffusers' step is given
+    the same: the network's output and the latent."""
+
+    schedule = SD
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def __call__(self, x: torch.Tensor, t: float, **kw) -> Prediction:
+        a, b, c, d = PREDICTIONS["epsilon"](SD.at(t))
+        return Prediction([(a, x), (b, self.out)], [(c, x), (d, self.out)])
 
 
 class TinyConvNet(nn.Module):
@@ -74,7 +92,7 @@ def per_step(repeats: int, inner: int, shape: tuple[int, ...] = (4, 4, 64, 64)) 
 
     g = torch.Generator().manual_seed(0)
     x, x_prev, out, x0 = (torch.randn(shape, generator=g) for _ in range(4))
-    fixed = _Fixed(Prediction(x0, out))
+    fixed, given_eps = _Fixed(Prediction(x0, out)), _GivenEps(out)
     model = Model(lambda z, t: out, SD, "epsilon")
     sched = DDIMScheduler(
         beta_start=0.00085,
@@ -103,6 +121,8 @@ def per_step(repeats: int, inner: int, shape: tuple[int, ...] = (4, 4, 64, 64)) 
         "DDIM step, given (x0, eps)": lambda: ddim.step(fixed, state, t_next),
         "BDIA-DDIM step, given (x0, eps)": lambda: bd.step(fixed, state, t_next),
         "BDIA-DDIM gamma=0.5 step, given (x0, eps)": lambda: half.step(fixed, state, t_next),
+        "DDIM step, given an eps net's output": lambda: ddim.step(given_eps, state, t_next),
+        "BDIA-DDIM step, given an eps net's output": lambda: bd.step(given_eps, state, t_next),
         "DDIM step, eps net via Model": lambda: ddim.step(model, state, t_next),
         "BDIA-DDIM step, eps net via Model": lambda: bd.step(model, state, t_next),
         "bound: two torch.add, precomputed coefficients": lambda: _two_adds(x_prev, x, out, r, c_out),

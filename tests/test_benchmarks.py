@@ -68,7 +68,7 @@ def test_speed_quick_through_the_command_line(tmp_path, capsys):
     data = _written(tmp_path, "speed", ["speed_summary.png"])
     assert "diffusers DDIMScheduler.step" in capsys.readouterr().out
     ops = {r["operation"]: r for r in data["per_step"]["rows"]}
-    assert all(r["median us"] > 0 for r in ops.values()) and len(ops) == 8
+    assert all(r["median us"] > 0 for r in ops.values()) and len(ops) == 10
     # our DDIM and diffusers' make the same update from the same eps (float32 rounding of O(1) values)
     assert data["per_step"]["ddim_vs_diffusers_maxabs"] < 1e-5
     assert {r["solver"] for r in data["end_to_end"]["rows"]} == {"DDIM", "BDIA-DDIM", "EDICT"}
