@@ -190,6 +190,8 @@ def one(name: str, n: int, size: int, batch: int, device_name: str, repeats: int
         "forward pass [s]": min(fwd),
         "(fwd+bwd) / forward pass": min(times) / min(fwd),
         "method's bound": _bound(name, a, b, b_x),
+        "b / a": b / a,  # one recorded evaluation and its VJP (input and weights), in evaluations without autograd
+        "b_x / a": b_x / a,  # the same for the input's gradient alone
         "grad vs plain autograd (rel)": float((grad - x.grad).norm() / x.grad.norm()),
     }
 
@@ -220,14 +222,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == name]
         a.plot([r["N"] for r in rs], [r["peak MB"] for r in rs], "o-", label=name)
-        b.plot([r["N"] for r in rs], [r["(fwd+bwd) / forward pass"] for r in rs], "o-", label=name)
+        line = b.plot([r["N"] for r in rs], [r["(fwd+bwd) / forward pass"] for r in rs], "o-", label=name)[0]
+        b.plot([r["N"] for r in rs], [r["method's bound"] for r in rs], ":", color=line.get_color(), lw=1)
     # quick mode measures in-process, where the peak above the baseline can be 0: no log axis then
     mem_scale = "log" if all(r["peak MB"] > 0 for r in rows) else "linear"
     a.set(xscale="log", yscale=mem_scale, xlabel="steps N", ylabel="peak memory above baseline [MB]")
     a.set_title("memory of a gradient through sampling")
     b.set(xscale="log", xlabel="steps N", ylabel="(forward + backward) / one sampling pass")
     b.axhline(3.0, color="grey", ls=":", lw=1)
-    b.set_title("time (CPU time on CPU, wall time on CUDA)")
+    b.set_title("time (CPU time; CUDA: wall time), dotted: bounds")
     a.legend(fontsize=8)
     ns = sorted({r["N"] for r in rows})
     for ax in (a, b):
