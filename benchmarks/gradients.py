@@ -31,8 +31,9 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -70,28 +71,32 @@ def _maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _methods() -> dict[str, Any]:
+class _Method(NamedTuple):
+    """A way to differentiate through sampling: the solver it walks with, how it walks, its cost-model bound
+    (in sampling passes, from a, b, b_x), and whether the network is frozen (gradients for the noise alone)."""
+
+    solver: Callable[[], Any]
+    walk: Callable[..., Any]  # (model, x, ts, solver) -> State
+    bound: Callable[[float, float, float], float]
+    frozen: bool = False
+
+
+def _methods() -> dict[str, _Method]:
+    bdia1, exact = (lambda: BDIA(DDIM(), 1.0)), (lambda: Exact(BDIA(DDIM(), 0.5)))
     return {
-        "plain autograd": lambda m, x, ts: bdia.sample(m, x, ts, BDIA(DDIM(), 1.0), check_finite=False),
-        "checkpoint per step": lambda m, x, ts: sample_with_grad(m, x, ts, BDIA(DDIM(), 1.0), checkpoint_every=1),
-        "reversible (gamma=1)": lambda m, x, ts: sample_with_grad(m, x, ts, BDIA(DDIM(), 1.0)),
-        "reversible exact (gamma=0.5)": lambda m, x, ts: sample_with_grad(m, x, ts, Exact(BDIA(DDIM(), 0.5))),
-        LATENT: lambda m, x, ts: sample_with_grad(m, x, ts, BDIA(DDIM(), 1.0)),
+        "plain autograd": _Method(
+            bdia1, lambda m, x, ts, s: bdia.sample(m, x, ts, s, check_finite=False), lambda a, b, b_x: b / a
+        ),
+        "checkpoint per step": _Method(
+            bdia1, lambda m, x, ts, s: sample_with_grad(m, x, ts, s, checkpoint_every=1), lambda a, b, b_x: 1 + b / a
+        ),
+        "reversible (gamma=1)": _Method(bdia1, sample_with_grad, lambda a, b, b_x: 1 + b / a),
+        "reversible exact (gamma=0.5)": _Method(exact, sample_with_grad, lambda a, b, b_x: 2 + b / a),
+        # the network frozen: gradients for the starting noise alone
+        "reversible, latent only (gamma=1)": _Method(
+            bdia1, sample_with_grad, lambda a, b, b_x: 1 + b_x / a, frozen=True
+        ),
     }
-
-
-LATENT = "reversible, latent only (gamma=1)"  # the network frozen: gradients for the starting noise alone
-
-
-def _bound(name: str, a: float, b: float, b_x: float) -> float:
-    """The method's least cost in units of one sampling pass (see the module's cost model)."""
-    if name == "plain autograd":
-        return b / a
-    if name == LATENT:
-        return 1 + b_x / a
-    if "exact" in name:
-        return 2 + b / a
-    return 1 + b / a
 
 
 def _eval_costs(net: torch.nn.Module, x: torch.Tensor, clock, device: torch.device, reps: int = 20):
@@ -127,10 +132,6 @@ def _eval_costs(net: torch.nn.Module, x: torch.Tensor, clock, device: torch.devi
     return timed(plain), timed(vjp(params)), timed(vjp([]))
 
 
-def _forward_solver(name: str):
-    return Exact(BDIA(DDIM(), 0.5)) if "exact" in name else BDIA(DDIM(), 1.0)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -142,15 +143,13 @@ def one(name: str, n: int, size: int, batch: int, device_name: str, repeats: int
     from plain autograd through the same float map. Run it in a fresh process for a clean high-water mark."""
     device = torch.device(device_name)
     torch.manual_seed(0)
-    net = ConvNet().to(device)
-    if name == LATENT:
-        net.requires_grad_(False)
+    method = _methods()[name]
+    net = ConvNet().to(device).requires_grad_(not method.frozen)
     schedule = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
     model = Model(net, schedule)
     ts = schedule.timesteps(n, "trailing")
     noise = torch.randn(batch, 4, size, size, device=device)
     target = torch.randn_like(noise)
-    fn = _methods()[name]
     # CPU time of this (single-threaded) process: wall time on a shared machine measures the neighbours
     clock = time.perf_counter if device.type == "cuda" else time.process_time
     gc.collect()
@@ -161,7 +160,7 @@ def one(name: str, n: int, size: int, batch: int, device_name: str, repeats: int
     for _ in range(repeats):
         x = noise.clone().requires_grad_()
         t0 = clock()
-        out = fn(model, x, ts)
+        out = method.walk(model, x, ts, method.solver())
         ((out.x - target) ** 2).mean().backward()
         _sync(device)
         times.append(clock() - t0)
@@ -174,11 +173,11 @@ def one(name: str, n: int, size: int, batch: int, device_name: str, repeats: int
     with torch.no_grad():
         for _ in range(repeats):
             t0 = clock()
-            bdia.sample(model, noise, ts, _forward_solver(name), check_finite=False)
+            bdia.sample(model, noise, ts, method.solver(), check_finite=False)
             _sync(device)
             fwd.append(clock() - t0)
     a, b, b_x = _eval_costs(net, noise, clock, device)
-    solver = _forward_solver(name)
+    solver = method.solver()
     x = noise.clone().requires_grad_()
     ref = bdia.sample(model, x, ts, solver.surrogate if isinstance(solver, Exact) else solver)
     ((ref.x - target) ** 2).mean().backward()
@@ -189,7 +188,7 @@ def one(name: str, n: int, size: int, batch: int, device_name: str, repeats: int
         "time [s]": min(times),
         "forward pass [s]": min(fwd),
         "(fwd+bwd) / forward pass": min(times) / min(fwd),
-        "method's bound": _bound(name, a, b, b_x),
+        "method's bound": method.bound(a, b, b_x),
         "b / a": b / a,  # one recorded evaluation and its VJP (input and weights), in evaluations without autograd
         "b_x / a": b_x / a,  # the same for the input's gradient alone
         "grad vs plain autograd (rel)": float((grad - x.grad).norm() / x.grad.norm()),
