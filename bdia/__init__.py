@@ -4,7 +4,7 @@
 denoiser from ``bdia.models`` and a schedule from ``bdia.schedules``; both return a ``bdia.State``.
 """
 
-from bdia import exact, gradients, metrics, models, schedules, solvers, zoo
+from bdia import exact, gradients, models, schedules, solvers
 from bdia.models import Prediction
 from bdia.sampling import invert, sample
 from bdia.state import State
@@ -15,11 +15,9 @@ __all__ = [
     "exact",
     "gradients",
     "invert",
-    "metrics",
     "models",
     "sample",
     "schedules",
     "solvers",
-    "zoo",
 ]
 __version__ = "0.1.0"

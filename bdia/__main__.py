@@ -7,7 +7,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"demo": "bdia.demo"}
+    commands = {"demo": "bdia.digits.demo"}
     if not argv or argv[0] not in commands:
         print("usage: python -m bdia demo [--help]", file=sys.stderr)
         return 2

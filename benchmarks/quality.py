@@ -2,7 +2,7 @@
 
 Every solver samples class-conditional 8x8 digits from the same noise at NFE 5, 10, 20 and 50 (the number of
 steps is the largest whose NFE fits the budget: Heun and EDICT take 2 evaluations per step), with the plain
-conditional model and with classifier-free guidance. Each run is scored by ``bdia.metrics.DigitsJudge``:
+conditional model and with classifier-free guidance. Each run is scored by ``bdia.digits.metrics.DigitsJudge``:
 the class accuracy (does the classifier see the requested digit?) and the digits-FD (Frechet distance of
 the classifier's penultimate features) to one half of the held-out real digits; the other half, scored the
 same way with the same size and labels, is the real-vs-real floor. Each seed redraws the noise and the
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 import bdia
-from bdia import zoo
-from bdia.metrics import DigitsJudge
+from bdia import digits
+from bdia.digits.metrics import DigitsJudge
 from bdia.models import CountNFE, Model
 from bdia.solvers import BDIA, DDIM, Heun, obelm_gamma
 from benchmarks import IMG, RESULTS, print_table, pyplot, save
@@ -103,8 +103,8 @@ def _run(quick: bool, results_dir: Path, img_dir: Path, seeds: tuple[int, ...] |
     n_samples = 40 if quick else None  # None: the whole comparison half (180 digits)
     solvers = methods(quick)
     notes = [] if _edict() is not None else ["bdia.solvers.EDICT is missing: EDICT skipped"]
-    models = {g: CountNFE(zoo.digits(guidance=s)) for g, s in guidance.items()}
-    classifier = zoo.digits_classifier()
+    models = {g: CountNFE(digits.model(guidance=s)) for g, s in guidance.items()}
+    classifier = digits.classifier()
 
     rows: list[dict[str, Any]] = []
     floors: list[dict[str, Any]] = []
@@ -304,9 +304,7 @@ def _plot_grid(grid: dict[str, torch.Tensor], names: list[str], nfes: tuple[int,
     for i, m in enumerate(names):
         for j, n in enumerate(nfes):
             ax = axes[i, j]
-            ax.imshow(
-                zoo.digit_grid(grid[f"{m}|{n}"], 10).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest"
-            )
+            ax.imshow(digits.grid(grid[f"{m}|{n}"], 10).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_title(f"NFE {n}", fontsize=9)

@@ -1,7 +1,7 @@
-"""Train the shipped digits classifier (``bdia.zoo.digits_classifier``), the judge of ``bdia.metrics``.
+"""Train the shipped digits classifier (``bdia.digits.classifier``), the judge of ``bdia.digits.metrics``.
 
-A small conv net (``bdia.nets.DigitsClassifier``) trained with cross-entropy on the same training split
-as the diffusion model (the held-out digits in ``bdia/data`` are excluded and used only to report accuracy),
+A small conv net (``bdia.digits.nets.DigitsClassifier``) trained with cross-entropy on the same training split
+as the diffusion model (the held-out digits in ``bdia/digits/data`` are excluded and used only to report accuracy),
 with random one-pixel shifts as augmentation. Fixed seed, deterministic CPU kernels; about a minute.
 
     /work/venv/bin/python examples/train_classifier.py
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from bdia import zoo
-from bdia.nets import DigitsClassifier
+from bdia import digits
+from bdia.digits.nets import DigitsClassifier
 
 
 def _train_digits_module():
@@ -46,16 +46,16 @@ def train(args: argparse.Namespace) -> Path:
     td = _train_digits_module()
     out = td.prepare(args)
     images, labels = td.load_digits()
-    train_idx, held_idx = zoo.split_indices(labels, n_heldout=360, seed=args.split_seed)
-    held_file = out / zoo.HELDOUT_FILE
+    train_idx, held_idx = digits.split_indices(labels, n_heldout=360, seed=args.split_seed)
+    held_file = out / digits.HELDOUT_FILE
     if held_file.is_file():
         saved = torch.load(held_file, weights_only=True)["indices"]
         if not torch.equal(saved, held_idx):
             raise RuntimeError(f"{held_file} holds a different held-out split than --split-seed {args.split_seed}")
     else:
         td.save_heldout(out, images, labels, held_idx, args.split_seed)
-    x_tr, y_tr = zoo.to_unit(images[train_idx]), labels[train_idx]
-    x_te, y_te = zoo.to_unit(images[held_idx]), labels[held_idx]
+    x_tr, y_tr = digits.to_unit(images[train_idx]), labels[train_idx]
+    x_te, y_te = digits.to_unit(images[held_idx]), labels[held_idx]
 
     net = DigitsClassifier()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -77,7 +77,7 @@ def train(args: argparse.Namespace) -> Path:
             print(
                 f"step {step + 1:5d}  loss {loss.item():.4f}  held-out acc {acc:.4f}  {time.perf_counter() - t0:.1f}s"
             )
-    path = td.save_weights(out / zoo.CLASSIFIER_FILE, net.state_dict(), net.config, args, heldout_accuracy=acc)
+    path = td.save_weights(out / digits.CLASSIFIER_FILE, net.state_dict(), net.config, args, heldout_accuracy=acc)
     print(f"saved {path} ({path.stat().st_size / 1e6:.2f} MB); held-out accuracy {acc:.4f}")
     return path
 

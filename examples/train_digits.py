@@ -1,10 +1,10 @@
-"""Train the shipped class-conditional digits diffusion model (``bdia.zoo.digits``) on scikit-learn's digits.
+"""Train the shipped class-conditional digits diffusion model (``bdia.digits.model``) on scikit-learn's digits.
 
 DDPM training (Ho et al. 2020): epsilon-prediction MSE at uniformly drawn integer times of Stable Diffusion's
 ``scaled_linear`` schedule (T = 1000), class labels dropped to the null class 10% of the time so the same
 network is also the unconditional model of classifier-free guidance (Ho & Salimans 2022); an exponential
 moving average of the weights is what gets shipped. Fixed seed, deterministic CPU kernels, a fixed
-class-stratified held-out split (``bdia.zoo.split_indices``) that is saved next to the weights.
+class-stratified held-out split (``bdia.digits.split_indices``) that is saved next to the weights.
 
     /work/venv/bin/python examples/train_digits.py            # about 8 minutes on 2 CPU cores
     /work/venv/bin/python examples/train_digits.py --smoke --out /tmp/x   # a few steps, for the test suite
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from bdia import zoo
-from bdia.nets import DigitsDenoiser
+from bdia import digits
+from bdia.digits.nets import DigitsDenoiser
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +42,7 @@ def save_heldout(out: Path, images: torch.Tensor, labels: torch.Tensor, heldout:
         "indices": heldout.clone(),  # positions in sklearn.datasets.load_digits()
         "split_seed": seed,
     }
-    torch.save(blob, out / zoo.HELDOUT_FILE)
+    torch.save(blob, out / digits.HELDOUT_FILE)
 
 
 def prepare(args: argparse.Namespace) -> Path:
@@ -59,11 +59,11 @@ def train(args: argparse.Namespace) -> Path:
     out = prepare(args)
 
     images, labels = load_digits()
-    train_idx, held_idx = zoo.split_indices(labels, n_heldout=360, seed=args.split_seed)
+    train_idx, held_idx = digits.split_indices(labels, n_heldout=360, seed=args.split_seed)
     save_heldout(out, images, labels, held_idx, args.split_seed)
-    x_all, y_all = zoo.to_unit(images[train_idx]), labels[train_idx]
+    x_all, y_all = digits.to_unit(images[train_idx]), labels[train_idx]
 
-    schedule = zoo.digits_schedule(args.timesteps)
+    schedule = digits.schedule(args.timesteps)
     abar = schedule.alphas_cumprod.to(torch.float32)
     net = DigitsDenoiser(channels=args.channels, blocks=args.blocks, num_train_timesteps=args.timesteps)
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -106,7 +106,7 @@ def train(args: argparse.Namespace) -> Path:
             running = 0.0
 
     path = save_weights(
-        out / zoo.DENOISER_FILE,
+        out / digits.DENOISER_FILE,
         ema.state_dict(),
         net.config,
         args,
@@ -119,7 +119,7 @@ def train(args: argparse.Namespace) -> Path:
 
 def add_common_arguments(p: argparse.ArgumentParser, *, steps: int, lr: float) -> None:
     """The options both training scripts share (the classifier's script imports this one)."""
-    p.add_argument("--out", default=str(zoo.DATA_DIR), help="folder for the weights and the held-out digits")
+    p.add_argument("--out", default=str(digits.DATA_DIR), help="folder for the weights and the held-out digits")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=lr)

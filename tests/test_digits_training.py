@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdia import zoo
-from bdia.nets import DigitsDenoiser
+from bdia import digits
+from bdia.digits.nets import DigitsDenoiser
 
 pytest.importorskip("sklearn")  # the scripts need scikit-learn's data set; the library does not
 
@@ -36,17 +36,17 @@ def trained(tmp_path_factory):
 
 def test_smoke_training_writes_loadable_files(trained):
     a, _ = trained
-    model = zoo.digits(data_dir=a)
-    x, y = zoo.heldout_digits(data_dir=a)
+    model = digits.model(data_dir=a)
+    x, y = digits.heldout(data_dir=a)
     assert model(x[:2], 10.0, labels=y[:2]).eps.shape == (2, 1, 8, 8)
-    clf = zoo.digits_classifier(data_dir=a)
+    clf = digits.classifier(data_dir=a)
     assert clf.features(x[:2]).shape == (2, clf.config["feature_dim"])
 
 
 def test_training_is_reproducible(trained):
     a, b = trained
-    sa = torch.load(a / zoo.DENOISER_FILE, weights_only=True)["state_dict"]
-    sb = torch.load(b / zoo.DENOISER_FILE, weights_only=True)["state_dict"]
+    sa = torch.load(a / digits.DENOISER_FILE, weights_only=True)["state_dict"]
+    sb = torch.load(b / digits.DENOISER_FILE, weights_only=True)["state_dict"]
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # and the weights did move away from their (seeded) initialisation
@@ -58,10 +58,10 @@ def test_training_is_reproducible(trained):
 
 
 def test_shipped_heldout_split_is_the_scripts_split(trained):
-    # the held-out digits shipped in bdia/data are exactly those the scripts hold out (same images, labels)
+    # the held-out digits shipped in bdia/digits/data are exactly those the scripts hold out (same images, labels)
     a, _ = trained
-    shipped = torch.load(zoo.DATA_DIR / zoo.HELDOUT_FILE, weights_only=True)
-    made = torch.load(a / zoo.HELDOUT_FILE, weights_only=True)
+    shipped = torch.load(digits.DATA_DIR / digits.HELDOUT_FILE, weights_only=True)
+    made = torch.load(a / digits.HELDOUT_FILE, weights_only=True)
     for key in ("indices", "images", "labels"):
         assert torch.equal(shipped[key], made[key])
     images, labels = _script("train_digits").load_digits()
@@ -72,6 +72,6 @@ def test_shipped_heldout_split_is_the_scripts_split(trained):
 def test_classifier_refuses_a_different_split(trained, tmp_path):
     a, _ = trained
     clf = _script("train_classifier")
-    (tmp_path / zoo.HELDOUT_FILE).write_bytes((a / zoo.HELDOUT_FILE).read_bytes())
+    (tmp_path / digits.HELDOUT_FILE).write_bytes((a / digits.HELDOUT_FILE).read_bytes())
     with pytest.raises(RuntimeError, match="different held-out split"):
         clf.train(clf.parse(["--smoke", "--out", str(tmp_path), "--split-seed", "1"]))

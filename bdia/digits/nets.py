@@ -4,7 +4,7 @@
 already see the whole image) whose blocks are modulated (FiLM: Perez et al. 2018) by a sinusoidal time
 embedding plus a learned class embedding; class ``null_class`` (10) is the unconditional one that
 classifier-free guidance (``bdia.models.CFG``) pairs with. ``DigitsClassifier``: a small conv net whose
-penultimate layer (``features``) feeds the digits-FD metric in ``bdia.metrics``. Both are plain
+penultimate layer (``features``) feeds the digits-FD metric in ``bdia.digits.metrics``. Both are plain
 ``torch.nn.Module`` s whose forward passes are deterministic on the CPU.
 """
 
@@ -80,6 +80,12 @@ class DigitsDenoiser(nn.Module):
             raise ValueError(f"x must have shape (batch, 1, 8, 8), got {tuple(x.shape)}")
         if labels is None:
             labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        elif not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+            # a float label would be truncated to a class silently
+            got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise TypeError(f"labels must be an integer tensor of classes 0..{self.null_class}, got {got}")
+        elif labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},) (one per sample), got {tuple(labels.shape)}")
         emb = self.time_mlp(timestep_embedding(t, self.emb_dim, self.time_scale).to(x.dtype))
         emb = F.silu(emb + self.label_emb(labels.to(device=x.device, dtype=torch.long)))
         h = self.conv_in(x)

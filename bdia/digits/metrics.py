@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from bdia.nets import DigitsClassifier
+from bdia.digits.nets import DigitsClassifier
 
 __all__ = ["DigitsJudge", "Score", "class_accuracy", "frechet_distance", "sqrtm_psd"]
 
@@ -80,9 +80,9 @@ class DigitsJudge:
 
     @classmethod
     def split(cls, seed: int = 0, classifier: DigitsClassifier | None = None) -> DigitsJudge:
-        from bdia import zoo
+        from bdia import digits
 
-        x, y = zoo.heldout_digits()
+        x, y = digits.heldout()
         g = torch.Generator().manual_seed(seed)
         ref, cmp = [], []
         for c in range(10):
@@ -92,7 +92,7 @@ class DigitsJudge:
             ref.append(idx[:half])
             cmp.append(idx[half:])
         ref_i, cmp_i = torch.cat(ref), torch.cat(cmp)
-        return cls(classifier or zoo.digits_classifier(), x[ref_i], x[cmp_i], y[cmp_i])
+        return cls(classifier or digits.classifier(), x[ref_i], x[cmp_i], y[cmp_i])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The shipped digits model, classifier and held-out data (``bdia.zoo``), and the metrics (``bdia.metrics``)."""
+"""The shipped digits model, classifier and held-out data (``bdia.digits``), and its metrics."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import bdia
-from bdia import zoo
-from bdia.metrics import DigitsJudge, class_accuracy, frechet_distance, sqrtm_psd
+from bdia import digits
+from bdia.digits.metrics import DigitsJudge, class_accuracy, frechet_distance, sqrtm_psd
 from bdia.models import Model
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM
@@ -17,15 +17,15 @@ from bdia.solvers import BDIA, DDIM
 
 @pytest.fixture(scope="module")
 def heldout():
-    return zoo.heldout_digits()
+    return digits.heldout()
 
 
 # ---------------------------------------------------------------- shipped files
 
 
 def test_shipped_files_are_small_and_load_without_code():
-    for name in (zoo.DENOISER_FILE, zoo.CLASSIFIER_FILE, zoo.HELDOUT_FILE):
-        path = zoo.DATA_DIR / name
+    for name in (digits.DENOISER_FILE, digits.CLASSIFIER_FILE, digits.HELDOUT_FILE):
+        path = digits.DATA_DIR / name
         assert path.stat().st_size <= 2_000_000, f"{name} exceeds the 2 MB limit"
         torch.load(path, weights_only=True)  # raises if anything but tensors and plain containers is pickled
 
@@ -42,26 +42,26 @@ def test_heldout_digits(heldout):
 
 def test_split_indices_is_a_stratified_deterministic_partition():
     labels = torch.arange(1000) % 7
-    train, held = zoo.split_indices(labels, n_heldout=200, seed=3)
+    train, held = digits.split_indices(labels, n_heldout=200, seed=3)
     assert len(held) == 200 and len(train) == 800
     assert torch.equal(torch.sort(torch.cat([train, held])).values, torch.arange(1000))
     counts = torch.bincount(labels[held], minlength=7)
     assert counts.max() - counts.min() <= 1
-    train2, held2 = zoo.split_indices(labels, n_heldout=200, seed=3)
+    train2, held2 = digits.split_indices(labels, n_heldout=200, seed=3)
     assert torch.equal(held, held2) and torch.equal(train, train2)
-    assert not torch.equal(held, zoo.split_indices(labels, n_heldout=200, seed=4)[1])
+    assert not torch.equal(held, digits.split_indices(labels, n_heldout=200, seed=4)[1])
 
 
 def test_split_indices_rejects_bad_size():
     with pytest.raises(ValueError, match="n_heldout"):
-        zoo.split_indices(torch.arange(10) % 2, n_heldout=10)
+        digits.split_indices(torch.arange(10) % 2, n_heldout=10)
 
 
 # ---------------------------------------------------------------- the model
 
 
 def test_digits_model_is_a_ready_denoiser(heldout):
-    model = zoo.digits()
+    model = digits.model()
     assert isinstance(model, Model) and isinstance(model.schedule, DiscreteVP)
     assert model.schedule.num_train_timesteps == 1000
     x, y = heldout
@@ -76,7 +76,7 @@ def test_digits_model_denoises_better_than_guessing(heldout):
     # At a moderate noise level a trained epsilon model must explain most of the noise: its eps error is far
     # below the noise's own size (a random net's is about sqrt(1 + 1) times it).
     x, y = heldout
-    model = zoo.digits()
+    model = digits.model()
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(x.shape, generator=g)
     k = model.schedule.at(300.0)
@@ -87,30 +87,30 @@ def test_digits_model_denoises_better_than_guessing(heldout):
 
 def test_guidance_scale_one_is_the_conditional_model(heldout):
     x, y = heldout
-    plain, cfg1 = zoo.digits(), zoo.digits(guidance=1.0)
+    plain, cfg1 = digits.model(), digits.model(guidance=1.0)
     a, b = plain(x[:16], 700.0, labels=y[:16]), cfg1(x[:16], 700.0, labels=y[:16])
     # u + 1 (c - u) differs from c by float32 rounding of |u| and |c| (a few ulps of values of order 1..10)
     tol = 8 * torch.finfo(torch.float32).eps * (1 + float(b.eps.abs().max()))
     assert torch.allclose(a.eps, b.eps, rtol=0, atol=tol)
-    cfg0 = zoo.digits(guidance=0.0)(x[:16], 700.0, labels=y[:16])
-    null = plain(x[:16], 700.0, labels=torch.full((16,), zoo.NULL_CLASS))
+    cfg0 = digits.model(guidance=0.0)(x[:16], 700.0, labels=y[:16])
+    null = plain(x[:16], 700.0, labels=torch.full((16,), digits.NULL_CLASS))
     assert torch.allclose(cfg0.eps, null.eps, rtol=0, atol=tol)
     assert not torch.allclose(a.eps, null.eps, atol=1e-3)  # the label matters
 
 
 def test_digits_rejects_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="guidance"):
-        zoo.digits(guidance="2")
+        digits.model(guidance="2")
     with pytest.raises(FileNotFoundError, match="train_digits"):
-        zoo.digits(data_dir=tmp_path)
+        digits.model(data_dir=tmp_path)
     with pytest.raises(ValueError, match=r"\(batch, 1, 8, 8\)"):
-        zoo.digits_net()(torch.zeros(2, 64), torch.zeros(2))
+        digits.net()(torch.zeros(2, 64), torch.zeros(2))
 
 
 def test_samples_show_the_requested_class():
     # 50 samples, 10 BDIA steps: the classifier must see the asked-for digit in most of them (the benchmark
     # measures ~0.9+; a broken model, schedule or label path gives ~0.1)
-    model, clf = zoo.digits(), zoo.digits_classifier()
+    model, clf = digits.model(), digits.classifier()
     labels = torch.arange(50) % 10
     noise = torch.randn(50, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ts = model.schedule.timesteps(10, "trailing")
@@ -122,7 +122,7 @@ def test_samples_show_the_requested_class():
 def test_exact_round_trip_on_the_trained_model(heldout):
     # sample -> invert with BDIA gamma=1 rebuilds the noise to float64 rounding (a few steps, so the bound
     # is a small multiple of eps times the state's size), while DDIM inversion of the same samples does not
-    model = zoo.digits(dtype=torch.float64)
+    model = digits.model(dtype=torch.float64)
     _, y = heldout
     labels = y[:4]
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -140,7 +140,7 @@ def test_exact_round_trip_on_the_trained_model(heldout):
 
 def test_digits_float64_model(heldout):
     x, y = heldout
-    m64 = zoo.digits(dtype=torch.float64)
+    m64 = digits.model(dtype=torch.float64)
     out = m64(x[:4].double(), 10.0, labels=y[:4])
     assert out.eps.dtype == torch.float64
 
@@ -188,7 +188,7 @@ def test_frechet_distance_rejects_bad_input():
 def test_class_accuracy_rejects_bad_labels(heldout):
     x, _ = heldout
     with pytest.raises(ValueError, match="labels"):
-        class_accuracy(zoo.digits_classifier(), x[:4], torch.zeros(3, dtype=torch.long))
+        class_accuracy(digits.classifier(), x[:4], torch.zeros(3, dtype=torch.long))
 
 
 def test_classifier_and_real_vs_real_floor():
@@ -228,7 +228,7 @@ def test_quality_benchmark_quick(tmp_path):
 
 def test_digits_demo_reconstructs_exactly_and_writes_its_figure(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from bdia import demo
+    from bdia.digits import demo
 
     out = tmp_path / "edit.png"
     assert demo.main(["--count", "3", "--steps", "4", "--out", str(out)]) == 0
@@ -238,7 +238,7 @@ def test_digits_demo_reconstructs_exactly_and_writes_its_figure(tmp_path, capsys
 
 
 def test_digits_demo_numbers():
-    from bdia import demo
+    from bdia.digits import demo
 
     rows, result = demo.run_digits(steps=4, count=4, shift=3, guidance=2.0, strength=1.0, dtype=torch.float64)
     err = {r["method"]: r["max |rec - x|"] for r in rows}
@@ -254,7 +254,7 @@ def test_digits_demo_numbers():
 
 
 def test_demo_keeps_the_gaussian_mixture(capsys):
-    from bdia import demo
+    from bdia.digits import demo
 
     assert demo.main(["--model", "gmm", "--steps", "5", "--batch", "4", "--dim", "4"]) == 0
     assert "Gaussian mixture" in capsys.readouterr().out
@@ -263,7 +263,7 @@ def test_demo_keeps_the_gaussian_mixture(capsys):
 def test_write_png_without_matplotlib(tmp_path):
     import zlib
 
-    from bdia import demo
+    from bdia.digits import demo
 
     img = torch.linspace(0, 1, 12).reshape(3, 4)
     demo.write_png(tmp_path / "a.png", img)

@@ -2,7 +2,7 @@
 
 Data: scikit-learn's ``load_digits`` (1,797 8x8 images, values 0..16, 10 classes), scaled to [-1, 1]
 (``to_unit``). ``split_indices`` makes the fixed held-out split that both training scripts in
-``examples/`` use; the held-out images are shipped in ``bdia/data`` so that nothing here needs scikit-learn.
+``examples/`` use; the held-out images are shipped in ``bdia/digits/data`` so that nothing here needs scikit-learn.
 Weights are torch's own format, loaded with ``weights_only=True`` (no code is unpickled).
 
 ``digits()`` is a ready ``bdia.models.Model`` (epsilon prediction, Stable Diffusion's ``scaled_linear``
@@ -12,24 +12,25 @@ Weights are torch's own format, loaded with ``weights_only=True`` (no code is un
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bdia.digits.nets import DigitsClassifier, DigitsDenoiser
 from bdia.models import CFG, Model
-from bdia.nets import DigitsClassifier, DigitsDenoiser
 from bdia.schedules import DiscreteVP
 
 __all__ = [
     "DATA_DIR",
     "NULL_CLASS",
-    "digit_grid",
-    "digits",
-    "digits_classifier",
-    "digits_net",
-    "digits_schedule",
-    "heldout_digits",
+    "classifier",
+    "grid",
+    "heldout",
+    "model",
+    "net",
+    "schedule",
     "split_indices",
     "to_unit",
 ]
@@ -76,20 +77,24 @@ def _load(name: str, data_dir: Path | str | None) -> dict[str, Any]:
     path = Path(data_dir or DATA_DIR) / name
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} is missing: the shipped digits files live in bdia/data (re-create them with "
+            f"{path} is missing: the shipped digits files live in bdia/digits/data (re-create them with "
             "examples/train_digits.py and examples/train_classifier.py)"
         )
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def digits_schedule(num_train_timesteps: int = 1000) -> DiscreteVP:
-    """The schedule the digits model was trained with: ``scaled_linear`` betas 0.00085..0.012 (as SD)."""
+@functools.lru_cache(maxsize=8)
+def schedule(num_train_timesteps: int = 1000) -> DiscreteVP:
+    """The schedule the digits model was trained with: ``scaled_linear`` betas 0.00085..0.012 (as SD).
+
+    One object per ``num_train_timesteps`` (schedules never change), so that models rebuilt per request share it
+    and its memo of coefficients."""
     return DiscreteVP.from_betas(
         "scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=num_train_timesteps
     )
 
 
-def digits_net(
+def net(
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", data_dir: Path | str | None = None
 ) -> DigitsDenoiser:
     """The shipped denoiser network (eval mode, gradients off)."""
@@ -102,7 +107,7 @@ def _denoiser(blob: dict[str, Any], dtype: torch.dtype, device: torch.device | s
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def digits(
+def model(
     guidance: float | None = None,
     *,
     dtype: torch.dtype = torch.float32,
@@ -117,17 +122,17 @@ def digits(
     round trips exact to ~1e-15.
     """
     blob = _load(DENOISER_FILE, data_dir)
-    net = _denoiser(blob, dtype, device)
-    schedule = digits_schedule(blob["config"]["num_train_timesteps"])
+    network = _denoiser(blob, dtype, device)
+    sched = schedule(blob["config"]["num_train_timesteps"])
     if guidance is None:
-        return Model(net, schedule, blob["prediction"])
+        return Model(network, sched, blob["prediction"])
     if isinstance(guidance, bool) or not isinstance(guidance, int | float):
         raise TypeError(f"guidance must be a float scale or None, got {type(guidance).__name__}")
     null = torch.tensor([NULL_CLASS], device=device)
-    return Model(CFG(net, float(guidance), labels=null), schedule, blob["prediction"])
+    return Model(CFG(network, float(guidance), labels=null), sched, blob["prediction"])
 
 
-def digits_classifier(
+def classifier(
     dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", data_dir: Path | str | None = None
 ) -> DigitsClassifier:
     """The shipped digits classifier (eval mode, gradients off); ``.features(x)`` for the digits-FD."""
@@ -137,13 +142,13 @@ def digits_classifier(
     return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def heldout_digits(data_dir: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout(data_dir: Path | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out real digits (never seen by either network): images in [-1, 1] ``(N, 1, 8, 8)``, labels ``(N,)``."""
     blob = _load(HELDOUT_FILE, data_dir)
     return to_unit(blob["images"]), blob["labels"].long()
 
 
-def digit_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
+def grid(images: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
     """Tile ``(N, 1, 8, 8)`` images in [-1, 1] into one ``(H, W)`` float tensor in [0, 1] (1 = ink),
     ``nrow`` images a row, separated by ``pad`` pixels of mid grey."""
     if images.dim() != 4 or images.shape[1:] != (1, 8, 8):

@@ -1,6 +1,6 @@
 """The main job, ``python -m bdia demo``: edit real digits through exact inversion (or ``--model gmm`` round trips).
 
-Default, ``--model digits``: the shipped class-conditional model (``bdia.zoo.digits``) takes held-out real
+Default, ``--model digits``: the shipped class-conditional model (``bdia.digits.model``) takes held-out real
 digits (one of each class), inverts each with its true class over a ``trailing`` grid, then samples from the
 inverted state twice: with the true class (the reconstruction) and with another class (the edit). Methods:
 DDIM inversion (approximate: each inversion step evaluates the model at the wrong end of the step), BDIA
@@ -8,7 +8,7 @@ gamma = 1 and EDICT p = 0.93 (exact: the only approximation is BDIA's first plai
 sampling undoes exactly). It writes one figure (original | reconstruction | edit, one row per method) and
 prints reconstruction error, NFE and time per method; under a minute on two CPU cores.
 
-``--model gmm``: an analytic Gaussian mixture (NOTES section 7) under Stable Diffusion's discrete schedule
+``--model gmm``: an analytic Gaussian mixture (docs/theory.md) under Stable Diffusion's discrete schedule
 (leading grid, ending at abar[0]); its exact denoiser makes the numbers about the solvers alone.
 """
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-import bdia
-from bdia import zoo
+from bdia import digits
 from bdia.models import CountNFE, GaussianMixture
+from bdia.sampling import invert, sample
 from bdia.schedules import DiscreteVP
-from bdia.solvers import BDIA, DDIM
+from bdia.solvers import BDIA, DDIM, EDICT
 
 
 def gmm_methods():
@@ -52,11 +52,11 @@ def run_gmm(steps: int, batch: int, dim: int, dtype: torch.dtype, seed: int) -> 
     for name, solver in gmm_methods().items():
         model.calls = 0
         t0 = time.perf_counter()
-        out = bdia.sample(model, noise, ts, solver)
+        out = sample(model, noise, ts, solver)
         nfe = model.calls
-        back = bdia.invert(model, out, ts, solver)
-        z = bdia.invert(model, data, ts, solver)
-        rec = bdia.sample(model, z, ts, solver)
+        back = invert(model, out, ts, solver)
+        z = invert(model, data, ts, solver)
+        rec = sample(model, z, ts, solver)
         elapsed = time.perf_counter() - t0
         rows.append(
             {
@@ -80,16 +80,12 @@ def print_table(rows: list[dict]) -> None:
 
 
 def digits_methods() -> dict:
-    methods = {"DDIM inversion": DDIM(), "BDIA gamma=1": BDIA(DDIM(), gamma=1.0)}
-    edict = getattr(bdia.solvers, "EDICT", None)
-    if edict is not None:
-        methods["EDICT p=0.93"] = edict(DDIM(), p=0.93)
-    return methods
+    return {"DDIM inversion": DDIM(), "BDIA gamma=1": BDIA(DDIM(), gamma=1.0), "EDICT p=0.93": EDICT(DDIM(), p=0.93)}
 
 
 def pick_digits(count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Held-out digits of classes 0, 1, ..., 9, 0, 1, ... in turn (the k-th of a class on its k-th visit)."""
-    x, y = zoo.heldout_digits()
+    x, y = digits.heldout()
     by_class = [torch.nonzero(y == c).flatten() for c in range(10)]
     sel = torch.stack([by_class[k % 10][k // 10] for k in range(count)])
     return x[sel], y[sel]
@@ -98,7 +94,7 @@ def pick_digits(count: int) -> tuple[torch.Tensor, torch.Tensor]:
 def run_digits(
     steps: int, count: int, shift: int, guidance: float | None, strength: float, dtype: torch.dtype
 ) -> tuple[list[dict], dict]:
-    model = CountNFE(zoo.digits(guidance=guidance, dtype=dtype))
+    model = CountNFE(digits.model(guidance=guidance, dtype=dtype))
     x, y = pick_digits(count)
     x = x.to(dtype)
     target = (y + shift) % 10
@@ -114,12 +110,12 @@ def run_digits(
         t0 = time.perf_counter()
         with torch.no_grad():
             model.calls = 0
-            z = bdia.invert(model, x, ts, solver, labels=y)
+            z = invert(model, x, ts, solver, labels=y)
             nfe_inv = model.calls
             model.calls = 0
-            rec = bdia.sample(model, z, ts, solver, labels=y).x
+            rec = sample(model, z, ts, solver, labels=y).x
             nfe_rec = model.calls
-            edit = bdia.sample(model, z, ts, solver, labels=target).x
+            edit = sample(model, z, ts, solver, labels=target).x
         elapsed = time.perf_counter() - t0
         err = (rec.double() - x.double()).abs()
         rows.append(
@@ -133,7 +129,7 @@ def run_digits(
             }
         )
         panels[name] = (rec, edit)
-    clf = zoo.digits_classifier(dtype=dtype)
+    clf = digits.classifier(dtype=dtype)
     with torch.no_grad():
         for row, (_, edit) in zip(rows, panels.values(), strict=True):
             row["edit is target (classifier)"] = f"{int((clf(edit.clamp(-1, 1)).argmax(1) == target).sum())}/{count}"
@@ -174,7 +170,7 @@ def save_figure(path: Path, result: dict, rows: list[dict], title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         scale = 8  # each digit pixel becomes scale x scale pixels
-        big = torch.cat([torch.cat([zoo.digit_grid(s, n) for s in row], dim=1) for row in strips.values()], dim=0)
+        big = torch.cat([torch.cat([digits.grid(s, n) for s in row], dim=1) for row in strips.values()], dim=0)
         write_png(path, big.repeat_interleave(scale, 0).repeat_interleave(scale, 1))
         print(
             f"(matplotlib not installed: {path} has no captions; rows {list(strips)}, columns original | "
@@ -191,7 +187,7 @@ def save_figure(path: Path, result: dict, rows: list[dict], title: str) -> None:
     for i, (name, row) in enumerate(zip(strips, rows, strict=True)):
         for j, images in enumerate(strips[name]):
             ax = axes[i, j]
-            ax.imshow(zoo.digit_grid(images, n).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(digits.grid(images, n).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_title(cols[j], fontsize=8)
