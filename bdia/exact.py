@@ -21,6 +21,7 @@ Determinism: exactness needs the model to return the same bits for the same inpu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -112,23 +113,94 @@ class Fixed:
     frac_bits: int
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
 class ExactState(State):
     """A ``State`` whose floats are the dequantised integers ``X 2^-k`` of ``fixed`` (the authoritative value).
 
     NaN marks an element whose integer left the safe range (``bdia.sample``'s finite check then raises).
+    The floats are a view of the integers: an in-place edit of ``x`` or ``x_prev`` is detected (by the tensors'
+    version counters) and refused when the state is continued; ``replace`` keeps ``fixed`` unless it is given.
     """
 
-    fixed: Fixed
+    fixed: Fixed | None = None
 
-    def __new__(cls, x_prev: torch.Tensor, x: torch.Tensor, t_prev: float, t: float, fixed: Fixed | None = None):
-        self = super().__new__(cls, x_prev, x, t_prev, t)
-        self.fixed = fixed  # type: ignore[misc]
-        return self
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_versions", _versions(self))
+
+    def replace(self, **changes: Any) -> ExactState:
+        if ("x" in changes or "x_prev" in changes) and "fixed" not in changes:
+            raise ValueError(
+                "the floats of an ExactState are a view of its integers (fixed): replace fixed with them, or lift a "
+                "plain State with Exact.lift"
+            )
+        return dataclasses.replace(self, **changes)
 
     def flipped(self) -> ExactState:
         f = self.fixed
-        g = Fixed(f.X, f.X_prev, f.buffer, f.stack, f.bound, f.frac_bits)
-        return ExactState(self.x, self.x_prev, self.t, self.t_prev, g)
+        g = None if f is None else dataclasses.replace(f, X_prev=f.X, X=f.X_prev)
+        return ExactState(self.x, self.x_prev, self.t, self.t_prev, self.coupled, g)
+
+    def to(self, *args: Any, **kwargs: Any) -> ExactState:
+        """The integers move to the new device; the floats are dequantised again in the new dtype (exact: the
+        integers, not the floats, are the state)."""
+        f = self.fixed
+        if f is None:
+            return super().to(*args, **kwargs)  # type: ignore[return-value]
+        dtype = self.x.to(*args, **kwargs).dtype
+        device = self.x.to(*args, **kwargs).device
+        g = dataclasses.replace(
+            f,
+            X_prev=f.X_prev.to(device),
+            X=f.X.to(device),
+            buffer=f.buffer.to(device),
+            stack=tuple(dataclasses.replace(sp, low=sp.low.to(device)) for sp in f.stack),
+        )
+        xp = torch.where(
+            torch.isnan(self.x_prev).to(device), math.nan, dequantise(g.X_prev, f.frac_bits, torch.float64)
+        )
+        x = torch.where(torch.isnan(self.x).to(device), math.nan, dequantise(g.X, f.frac_bits, torch.float64))
+        return ExactState(xp.to(dtype), x.to(dtype), self.t_prev, self.t, self.coupled, g)
+
+    def state_dict(self) -> dict[str, Any]:
+        d = super().state_dict()
+        f = self.fixed
+        if f is not None:
+            d["fixed"] = {
+                "X_prev": f.X_prev,
+                "X": f.X,
+                "buffer": f.buffer,
+                "bound": [f.bound.numerator, f.bound.denominator],
+                "frac_bits": f.frac_bits,
+                "stack": [
+                    {
+                        "low": sp.low,
+                        "when": list(sp.when),
+                        "after": [sp.after.numerator, sp.after.denominator],
+                        "before": [sp.before.numerator, sp.before.denominator],
+                    }
+                    for sp in f.stack
+                ],
+            }
+        return d
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any]) -> ExactState:
+        base, fd = State._from_dict(d), d.get("fixed")
+        fixed = None
+        if fd is not None:
+            stack = tuple(
+                Spill(sp["low"], tuple(float(w) for w in sp["when"]), Fraction(*sp["after"]), Fraction(*sp["before"]))
+                for sp in fd["stack"]
+            )
+            fixed = Fixed(fd["X_prev"], fd["X"], fd["buffer"], stack, Fraction(*fd["bound"]), int(fd["frac_bits"]))
+        return ExactState(base.x_prev, base.x, base.t_prev, base.t, base.coupled, fixed)
+
+
+def _versions(s: State) -> tuple[int, int] | None:
+    try:
+        return s.x_prev._version, s.x._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
 
 
 class SideInformation(NamedTuple):
@@ -225,6 +297,14 @@ class Exact:
     def lift(self, state: State) -> ExactState:
         """An ``ExactState`` for ``state``: itself, or the quantised pair with an empty buffer."""
         if isinstance(state, ExactState):
+            check_state(state)
+            if state.fixed is None:
+                raise ValueError("an ExactState without its integers (fixed=None) cannot be continued exactly")
+            if state._versions is not None and _versions(state) != state._versions:
+                raise ValueError(
+                    "the float latents of this ExactState were modified in place; they are only a view of its integers "
+                    "(state.fixed), which were not: build a new state (Exact.lift of a plain bdia.State) instead"
+                )
             k = state.fixed.frac_bits
             if self.frac_bits is not None and k != self.frac_bits:
                 raise ValueError(f"state has frac_bits={k} but this solver uses frac_bits={self.frac_bits}")
@@ -234,7 +314,7 @@ class Exact:
         (Xp, okp), (X, ok) = quantise(state.x_prev, k), quantise(state.x, k)
         fixed = Fixed(Xp, X, torch.zeros_like(X), (), Fraction(1), k)
         dt = state.x.dtype
-        return ExactState(dequantise(Xp, k, dt, okp), dequantise(X, k, dt, ok), state.t_prev, state.t, fixed)
+        return ExactState(dequantise(Xp, k, dt, okp), dequantise(X, k, dt, ok), state.t_prev, state.t, fixed=fixed)
 
     # -- the solver protocol ----------------------------------------------------------------------------
 
@@ -246,7 +326,7 @@ class Exact:
         with _deterministic(self.deterministic):
             X1, ok1 = quantise(self.solver.integrator(model, x0, t, t_next, **kw), k)
         fixed = Fixed(X0, X1, torch.zeros_like(X0), (), Fraction(1), k)
-        return ExactState(x0, dequantise(X1, k, x.dtype, ok0 & ok1), t, t_next, fixed)
+        return ExactState(x0, dequantise(X1, k, x.dtype, ok0 & ok1), t, t_next, fixed=fixed)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> ExactState:
         s = self.lift(state)
@@ -258,7 +338,7 @@ class Exact:
         ok = okF & (Y.abs() < _STATE_ROOM)
         X_next = Y + F
         fixed = Fixed(f.X, X_next, buffer, stack, bound, f.frac_bits)
-        return ExactState(x, dequantise(X_next, f.frac_bits, x.dtype, ok), t, t_next, fixed)
+        return ExactState(x, dequantise(X_next, f.frac_bits, x.dtype, ok), t, t_next, fixed=fixed)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> ExactState:
         s = self.lift(state)
@@ -270,7 +350,7 @@ class Exact:
         X_prev, buffer, stack, bound, okY = _divide(Y, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
         fixed = Fixed(X_prev, f.X_prev, buffer, stack, bound, f.frac_bits)
         ok = okF & okY & (X_prev.abs() < _STATE_ROOM)
-        return ExactState(dequantise(X_prev, f.frac_bits, x.dtype, ok), x, t_prev, t, fixed)
+        return ExactState(dequantise(X_prev, f.frac_bits, x.dtype, ok), x, t_prev, t, fixed=fixed)
 
     # -- reporting --------------------------------------------------------------------------------------
 

@@ -81,8 +81,8 @@ def sample_with_grad(
     out = _Reversible.apply(walk, *starts, *(model_kwargs[n] for n in names), *params)
     f = walk.final
     if isinstance(f, ExactState):
-        return ExactState(out[0], out[1], f.t_prev, f.t, f.fixed)
-    return State(out[0], out[1], f.t_prev, f.t)
+        return ExactState(out[0], out[1], f.t_prev, f.t, fixed=f.fixed)
+    return State(out[0], out[1], f.t_prev, f.t, f.coupled)
 
 
 def _unit_gamma(solver: BDIA) -> bool:

@@ -389,7 +389,7 @@ class EDICT:
 
     def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
         """Both copies start as ``x`` (the paper's ``x_T = y_T``); no step is taken."""
-        return State(x, x, t, t)
+        return State(x, x, t, t, coupled=True)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
         y, x, t = state.x_prev, state.x, _same_time(state)
@@ -399,7 +399,7 @@ class EDICT:
         x_mid = lincomb((A, x), (B, e))
         y_mid = lincomb((A, y), (B, model(x_mid, t, **kw).eps))
         x_new = lincomb((p, x_mid), (1.0 - p, y_mid))
-        return State(lincomb((p, y_mid), (1.0 - p, x_new)), x_new, t_next, t_next)
+        return State(lincomb((p, y_mid), (1.0 - p, x_new)), x_new, t_next, t_next, coupled=True)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
         y_new, x_new, s = state.x_prev, state.x, _same_time(state)
@@ -410,16 +410,16 @@ class EDICT:
         A, B = self._affine(model.schedule, t_prev, s)
         y = lincomb((1.0 / A, y_mid), (-B / A, e))
         e = model(y, t_prev, **kw).eps
-        return State(y, lincomb((1.0 / A, x_mid), (-B / A, e)), t_prev, t_prev)
+        return State(y, lincomb((1.0 / A, x_mid), (-B / A, e)), t_prev, t_prev, coupled=True)
 
     def __repr__(self) -> str:
         return f"EDICT({self.integrator!r}, p={self.p})"
 
 
 def _same_time(state: State) -> float:
-    if state.t_prev != state.t:
+    if not state.coupled:
         raise ValueError(
-            f"an EDICT state holds two copies at one time, got times ({state.t_prev}, {state.t}): "
-            "continue it only with EDICT (a state from another solver is a pair of consecutive points)"
+            f"EDICT continues coupled copies at one time (a state made by EDICT), got a pair of consecutive points at "
+            f"times ({state.t_prev}, {state.t}), made by another solver"
         )
     return state.t

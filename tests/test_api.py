@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -192,8 +194,13 @@ def test_guided_editing_round_trip_is_exact():
 def test_state_is_a_plain_value():
     x = torch.zeros(2, 3)
     s = State(x, x + 1, 2.0, 1.0)
-    assert s.flipped() == State(s.x, s.x_prev, 1.0, 2.0)
-    assert s.flipped().flipped() == s
+    f = s.flipped()
+    assert (f.x_prev, f.x, f.t_prev, f.t, f.coupled) == (s.x, s.x_prev, 1.0, 2.0, False)
+    ff = f.flipped()
+    assert ff.x_prev is s.x_prev and ff.x is s.x and (ff.t_prev, ff.t) == (2.0, 1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.x = x  # a value: changed copies come from replace()
+    assert s.replace(t=0.5).t == 0.5 and s.t == 1.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

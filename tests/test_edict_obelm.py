@@ -49,7 +49,7 @@ def test_edict_step_matches_the_papers_equations():
     model, ts = _mixture(), SD.timesteps(10, "leading", steps_offset=1).tolist()
     x, y = _noise(4, 8, seed=1), _noise(4, 8, seed=2)
     solver = EDICT(p=0.9)
-    out = solver.step(model, State(y, x, ts[2], ts[2]), ts[3])
+    out = solver.step(model, State(y, x, ts[2], ts[2], coupled=True), ts[3])
     x_ref, y_ref = _edict_paper_step(model, x, y, ts[2], ts[3], 0.9)
     assert (out.t_prev, out.t) == (ts[3], ts[3])
     torch.testing.assert_close(out.x, x_ref, rtol=1e-13, atol=1e-13)
@@ -80,7 +80,7 @@ def test_edict_over_euler_is_euler_with_the_other_copys_eps():
     x_inter = euler(x, model(y, t).eps)
     y_inter = euler(y, model(x_inter, t).eps)
     x_new = p * x_inter + (1 - p) * y_inter
-    out = EDICT(Euler(), p=p).step(model, State(y, x, t, t), s)
+    out = EDICT(Euler(), p=p).step(model, State(y, x, t, t, coupled=True), s)
     torch.testing.assert_close(out.x, x_new, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(out.x_prev, p * y_inter + (1 - p) * x_new, rtol=1e-13, atol=1e-13)
 
@@ -159,9 +159,9 @@ def test_edict_refuses_a_state_of_consecutive_points():
     """A BDIA state holds two times; continuing it with EDICT would silently mix two different schemes."""
     model, grid = _mixture(), SD.timesteps(10, "leading", steps_offset=1)
     bdia_state = bdia.sample(model, _noise(2, 8), grid[:4], BDIA())
-    with pytest.raises(ValueError, match="two copies at one time"):
+    with pytest.raises(ValueError, match="coupled copies at one time"):
         EDICT().step(model, bdia_state, grid[4].item())
-    with pytest.raises(ValueError, match="two copies at one time"):
+    with pytest.raises(ValueError, match="coupled copies at one time"):
         EDICT().unstep(model, bdia_state, grid[2].item())
 
 

@@ -111,7 +111,7 @@ def test_exact_state_start_and_result_type():
     with torch.no_grad():
         z = bdia.invert(model, x.detach(), ts, ex)
     a, b = z.x_prev.clone().requires_grad_(), z.x.clone().requires_grad_()
-    start = ExactState(a, b, z.t_prev, z.t, z.fixed)
+    start = ExactState(a, b, z.t_prev, z.t, fixed=z.fixed)
     out = sample_with_grad(model, start, ts, ex)
     assert isinstance(out, ExactState)
     # the exact result itself is the exact mode's sample, bit for bit
