@@ -10,7 +10,7 @@ that the multiplication destroys into an integer *information buffer* carried in
 wrapped solver (1 NFE for BDIA-DDIM/Euler); the integer work is a few element-wise passes.
 
 Information: a contraction by p/q destroys log2(q/p) bits per element; the buffer grows by exactly that
-on average (plus < 1 bit once per run from rounding), the information-theoretic minimum (NOTES section 4).
+on average (plus < 1 bit once per run from rounding), the information-theoretic minimum (docs/exactness.md).
 The buffer is an int64 tensor; when it could overflow, its low 31 bits are spilled to a stack of int32
 tensors (a decision made from a data-independent bound, so no host sync) and merged back on the way back.
 
@@ -32,6 +32,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from bdia.gamma import PerSample
+from bdia.integrators import _pair
 from bdia.models import Denoiser
 from bdia.schedules import Schedule
 from bdia.solvers import BDIA
@@ -262,7 +264,7 @@ class Exact:
         self.solver = BDIA() if solver is None else solver
         if not isinstance(self.solver, BDIA):
             raise TypeError(f"solver must be a bdia.solvers.BDIA, got {type(self.solver).__name__}")
-        if isinstance(self.solver.gamma, torch.Tensor):
+        if isinstance(self.solver.gamma, PerSample):
             raise TypeError("the exact mode takes a float gamma or a per-step gamma function, not a per-sample tensor")
         if frac_bits is not None and (isinstance(frac_bits, bool) or not isinstance(frac_bits, int)):
             raise TypeError(f"frac_bits must be an int or None, got {type(frac_bits).__name__}")
@@ -276,18 +278,27 @@ class Exact:
 
     # -- the fraction and the float surrogate ----------------------------------------------------------
 
-    def _fraction_at(self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float) -> tuple[int, int]:
-        g = self.solver._gamma_at(model, x, t_prev, t, t_next)
-        if isinstance(g, torch.Tensor):
-            raise TypeError("the exact mode needs gamma as a python float; the gamma function returned a tensor")
-        return fraction(g, self.max_numerator)
+    def _fraction_at(self, schedule: Schedule, t_prev: float, t: float, t_next: float) -> tuple[int, int]:
+        return fraction(self.solver.gamma.bounds(schedule, t_prev, t, t_next)[0], self.max_numerator)
 
     def effective_gamma(self, schedule: Schedule, t_prev: float, t: float, t_next: float) -> float:
         """The gamma this mode actually applies, ``p/q`` (a per-step gamma function for a float ``BDIA``)."""
-        g = self.solver.gamma
-        value = g(schedule, t_prev, t, t_next) if callable(g) else g
-        p, q = fraction(float(value), self.max_numerator)
+        p, q = self._fraction_at(schedule, t_prev, t, t_next)
         return p / q
+
+    def amplification(self, schedule: Schedule, times: list[float], forward: bool) -> float:
+        """Integer arithmetic: a walk and its inverse meet to the bit, nothing is amplified."""
+        return 1.0
+
+    @property
+    def nonfinite_hint(self) -> str:
+        k = self.frac_bits
+        bits = f"frac_bits = {k}" if k is not None else "frac_bits = the dtype's mantissa bits + 7, 30 for float32"
+        return (
+            "in the exact mode NaN marks a latent that left the fixed-point range |x| < 2^(61 - frac_bits) "
+            f"({bits}): pass a smaller frac_bits (each bit less doubles the range and halves the resolution), or "
+            "check the model output and the grid's end points"
+        )
 
     # -- integer helpers --------------------------------------------------------------------------------
 
@@ -329,11 +340,11 @@ class Exact:
         return ExactState(x0, dequantise(X1, k, x.dtype, ok0 & ok1), t, t_next, fixed=fixed)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> ExactState:
-        s = self.lift(state)
+        s = self.lift(_pair(state, self))
         f, x, t, t_prev = s.fixed, s.x, s.t, s.t_prev
-        p, q = self._fraction_at(model, x, t_prev, t, t_next)
+        p, q = self._fraction_at(model.schedule, t_prev, t, t_next)
         with _deterministic(self.deterministic):
-            F, okF = quantise(self.surrogate.drift(model, x, t_prev, t, t_next, **kw)[1], f.frac_bits)
+            F, okF = quantise(self.surrogate.drift(model, x, t_prev, t, t_next, **kw).tensor(), f.frac_bits)
         Y, buffer, stack, bound = _multiply(f.X_prev, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
         ok = okF & (Y.abs() < _STATE_ROOM)
         X_next = Y + F
@@ -341,11 +352,17 @@ class Exact:
         return ExactState(x, dequantise(X_next, f.frac_bits, x.dtype, ok), t, t_next, fixed=fixed)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> ExactState:
-        s = self.lift(state)
+        s = self.lift(_pair(state, self))
         f, x, t, t_next = s.fixed, s.x_prev, s.t_prev, s.t  # x: the shared point x_i
-        p, q = self._fraction_at(model, x, t_prev, t, t_next)
+        p, q = self._fraction_at(model.schedule, t_prev, t, t_next)
+        if p != q and s is not state:
+            raise ValueError(
+                "inverting a plain bdia.State in the exact mode with gamma != 1 cannot be exact: the information "
+                "buffer that sampling filled is not in it; pass the ExactState that sampling returned (state[rows] "
+                "selects samples of a batch exactly)"
+            )
         with _deterministic(self.deterministic):
-            F, okF = quantise(self.surrogate.drift(model, x, t_prev, t, t_next, **kw)[1], f.frac_bits)
+            F, okF = quantise(self.surrogate.drift(model, x, t_prev, t, t_next, **kw).tensor(), f.frac_bits)
         Y = f.X - F
         X_prev, buffer, stack, bound, okY = _divide(Y, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
         fixed = Fixed(X_prev, f.X_prev, buffer, stack, bound, f.frac_bits)

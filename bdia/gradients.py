@@ -1,6 +1,6 @@
 """Gradients through sampling at constant memory: walk back with ``unstep``, re-run one step under autograd.
 
-The reversible adjoint (NOTES section 5; the idea behind torchsde's reversible Heun and DOODL's
+The reversible adjoint (docs/exactness.md; the idea behind torchsde's reversible Heun and DOODL's
 backpropagation through EDICT): the forward pass keeps only the final state; the backward pass rebuilds
 each earlier state pair from the later one with the solver's exact inverse and takes the vector-Jacobian
 product of that single step, so memory does not grow with the number of steps N. Cost: the forward
@@ -10,7 +10,7 @@ the forward pass), plus one backward pass through the model.
 
 Exactness of the rebuilt states: BDIA with gamma = 1 rebuilds to rounding; ``bdia.exact.Exact`` rebuilds
 to the bit (its gradient is that of its float surrogate, the rounding being treated as the identity);
-for float BDIA with gamma < 1 the rebuild drifts like gamma^-N (NOTES section 4), so pass
+for float BDIA with gamma < 1 the rebuild drifts like gamma^-N (docs/theory.md), so pass
 ``checkpoint_every=K``: the states at every K-th step are kept (memory N/K states, no graphs) and the
 walk restarts from them, so drift grows over at most K steps. ``checkpoint_every=1`` is classic per-step
 gradient checkpointing.
@@ -18,18 +18,17 @@ gradient checkpointing.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from bdia.exact import Exact, ExactState
-from bdia.linalg import lincomb
+from bdia.exact import Exact
 from bdia.models import Denoiser
-from bdia.sampling import _begin
-from bdia.schedules import check_grid
+from bdia.sampling import FiniteCheck, begin
 from bdia.solvers import BDIA
-from bdia.state import State, check_latent
+from bdia.state import State
 
 __all__ = ["sample_with_grad"]
 
@@ -48,52 +47,90 @@ def sample_with_grad(
 
     Gradients flow to the starting latent ``x`` (or both tensors of a starting ``State``, e.g. from
     ``bdia.invert``), to tensor ``model_kwargs`` that require grad (conditioning), and to ``params``
-    (default: the parameters that require grad of ``model`` or ``model.net`` when it is a ``torch.nn.Module``).
+    (default: the parameters that require grad of every ``torch.nn.Module`` visible from ``model``: through
+    ``Model``, ``CFG``, lambdas' and functions' closures, bound methods and partials; if none is visible this is an
+    error, never a silent lack of weight gradients: pass ``params=[...]``, or ``params=()`` for the input alone).
+    Refused before any work, like ``bdia.sample``: a bad grid or input, non-finite input, nothing to differentiate,
+    and a gamma the backward pass cannot divide by; NaN produced in the forward pass raises naming the step.
     ``solver``: ``BDIA`` with gamma = 1, ``bdia.exact.Exact`` (any gamma), or any BDIA with
     ``checkpoint_every``. Returns a ``State`` (an ``ExactState`` in exact mode) whose ``x`` is the sample.
     """
-    grid = check_grid(ts, getattr(model, "schedule", None))
     if checkpoint_every is not None and (
         isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1
     ):
         raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
     if not isinstance(solver, BDIA | Exact):
         raise TypeError(f"solver must be a bdia.solvers.BDIA or bdia.exact.Exact, got {type(solver).__name__}")
-    if checkpoint_every is None and isinstance(solver, BDIA) and not _unit_gamma(solver):
-        raise ValueError(
-            "float BDIA with gamma != 1 cannot rebuild its states backwards (errors grow like gamma^-N): "
-            "wrap it in bdia.exact.Exact(...) or pass checkpoint_every=K"
+    grid, start, k = begin(model, x, ts, solver, init=False, **model_kwargs)
+    if isinstance(solver, BDIA) and checkpoint_every != 1:
+        _check_rebuildable(
+            solver, model.schedule, grid if start is None else [start.t_prev, *grid[k:]], checkpoint_every
         )
-    if params is None:
-        params = _parameters(model)
-    params = list(params)
+    params = _parameters(model) if params is None else list(params)
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor) or not p.requires_grad:
             raise ValueError(f"params[{i}] must be a tensor that requires grad")
     names = [k for k, v in model_kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    if isinstance(x, State):
-        start, k = _begin(model, x, grid, solver, True, {})
-        starts = (start.x_prev, start.x)
-    else:
-        x = check_latent(x)
-        start, k, starts = None, 0, (x,)
+    starts = (x,) if start is None else (start.x_prev, start.x)
+    if not (params or names or any(s.requires_grad for s in starts)):
+        raise ValueError(
+            "nothing to differentiate: x (or the state's latents) does not require grad, no conditioning tensor "
+            "requires grad and params is empty; call x.requires_grad_() or pass params="
+        )
     walk = _Walk(model, grid, solver, model_kwargs, names, len(params), start, k, checkpoint_every)
     out = _Reversible.apply(walk, *starts, *(model_kwargs[n] for n in names), *params)
-    f = walk.final
-    if isinstance(f, ExactState):
-        return ExactState(out[0], out[1], f.t_prev, f.t, fixed=f.fixed)
-    return State(out[0], out[1], f.t_prev, f.t, f.coupled)
+    return dataclasses.replace(walk.final, x_prev=out[0], x=out[1])  # an ExactState keeps its integers
 
 
-def _unit_gamma(solver: BDIA) -> bool:
-    return isinstance(solver.gamma, float) and solver.gamma == 1.0
+def _check_rebuildable(solver: BDIA, schedule, times: list[float], every: int | None) -> None:
+    """Float BDIA rebuilds each earlier state by dividing by gamma: refuse before any work where that cannot hold."""
+    for i, (t_prev, t, t_next) in enumerate(zip(times, times[1:], times[2:], strict=False)):
+        lo, hi = solver.gamma.bounds(schedule, t_prev, t, t_next)
+        if every is None and not lo == hi == 1.0:
+            raise ValueError(
+                "float BDIA with gamma != 1 cannot rebuild its states backwards (errors grow like gamma^-N): "
+                "wrap it in bdia.exact.Exact(...) or pass checkpoint_every=K"
+            )
+        if lo == 0 and i % every != 0:  # step i rebuilds state i unless it is a checkpoint
+            raise ValueError(
+                f"gamma = 0 at the step t = {t} -> {t_next} makes the state before it impossible to rebuild: "
+                "pass checkpoint_every=1, or use gamma > 0"
+            )
 
 
 def _parameters(model: Any) -> list[torch.Tensor]:
-    for obj in (model, getattr(model, "net", None)):
+    """The parameters that require grad of every ``torch.nn.Module`` visible from ``model``: through attributes
+    that hold networks (``net``, ``model``, ``module``: ``Model``, ``CFG``, ``CountNFE``), closures of functions
+    and lambdas, bound methods and ``functools.partial``. None visible is an error: gradients would be silently
+    dropped."""
+    found: dict[int, torch.nn.Module] = {}
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if obj is None or id(obj) in seen or depth > 6:
+            return
+        seen.add(id(obj))
         if isinstance(obj, torch.nn.Module):
-            return [p for p in obj.parameters() if p.requires_grad]
-    return []
+            found[id(obj)] = obj
+            return
+        for name in ("net", "model", "module", "func", "__self__", "__wrapped__"):
+            visit(getattr(obj, name, None), depth + 1)
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                visit(cell.cell_contents, depth + 1)
+            except ValueError:  # an empty cell
+                pass
+        for arg in (*getattr(obj, "args", ()), *getattr(obj, "keywords", {}).values()) if callable(obj) else ():
+            visit(arg, depth + 1)
+
+    visit(model, 0)
+    if not found:
+        raise ValueError(
+            f"found no torch.nn.Module inside {type(model).__name__} to take weight gradients from: pass params=[...] "
+            "(the tensors to differentiate), or params=() for gradients of the input and conditioning alone"
+        )
+    unique = {id(p): p for m in found.values() for p in m.parameters() if p.requires_grad}
+    return list(unique.values())
 
 
 class _Walk:
@@ -122,12 +159,16 @@ class _Reversible(torch.autograd.Function):
         else:
             state, k = walk.start, walk.k
         walk.times = [state.t_prev, *grid[k:]]  # times[i], times[i + 1]: the pair of the i-th state
+        check = FiniteCheck(grid, solver, state.x.device)
+        check.record(k, state, True)
         if walk.every is not None:
             walk.anchors[0] = state
         for i, t in enumerate(grid[k + 1 :], start=1):
             state = solver.step(model, state, t, **kw)
+            check.record(k + i, state, True)
             if walk.every is not None and i % walk.every == 0:
                 walk.anchors[i] = state
+        check.raise_if_bad()
         walk.final, walk.n_steps = state, len(grid) - 1 - k
         ctx.walk = walk
         outs = [state.x_prev, state.x]
@@ -160,12 +201,12 @@ class _Reversible(torch.autograd.Function):
                     before = solver.unstep(model, state, t_prev, **kw_plain)
             b = state.x_prev.detach().requires_grad_()
             with torch.enable_grad():
-                g, drift = diff.drift(model, b, t_prev, t, t_next, **kw_live)
-                grads = torch.autograd.grad(drift, [b, *wrt], c_bar, allow_unused=True)
-            if before is None:  # float BDIA: the rebuild shares the evaluation with the recomputed step
+                F = diff.drift(model, b, t_prev, t, t_next, **kw_live)
+                grads = torch.autograd.grad(F.tensor(), [b, *wrt], c_bar, allow_unused=True)
+            g = F.gamma
+            if before is None:  # float BDIA: the rebuild shares the evaluation with the recomputed step (unstep's bits)
                 with torch.no_grad():
-                    inv = 1.0 / g
-                    before = State(lincomb((inv, state.x), (-inv, drift.detach())), state.x_prev, t_prev, t)
+                    before = State(F._replace(T=F.T.detach()).inverse(state.x), state.x_prev, t_prev, t)
             new_a_bar = c_bar * (g.to(c_bar.dtype) if isinstance(g, torch.Tensor) else g)  # d x_next / d x_prev
             c_bar = a_bar if grads[0] is None else a_bar + grads[0]
             a_bar, state = new_a_bar, before

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from bdia.linalg import Terms, lincomb
+from bdia._linalg import Terms, lincomb
 from bdia.schedules import Coefficients, Schedule
 
 __all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Model", "Prediction"]
@@ -22,29 +22,27 @@ __all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Mod
 class Prediction:
     """The model's estimate of the clean data and of the noise at ``(x, t)``: ``x = alpha x0 + sigma eps``.
 
-    ``x0`` and ``eps`` may each be given as a tensor or as the terms ``[(coef, tensor), ...]`` of a linear
-    combination. ``Model`` gives the latter (each is a combination of ``x`` and the network output), so that
-    integrators can fold them into their own update through ``x0_terms`` / ``eps_terms`` (a BDIA-DDIM step
-    then makes three passes over memory instead of five); ``pred.x0`` and ``pred.eps`` build the tensor on
-    first use. Unpacks like a pair: ``x0, eps = pred``.
+    Internally ``Model`` gives each as a linear combination of ``x`` and the network output, which an affine
+    integrator folds into its own update (a BDIA-DDIM step then makes two passes over memory instead of five);
+    ``pred.x0`` and ``pred.eps`` build the tensor on first use. Unpacks like a pair: ``x0, eps = pred``.
     """
 
-    __slots__ = ("_eps", "_x0", "eps_terms", "x0_terms")
+    __slots__ = ("_eps", "_eps_terms", "_x0", "_x0_terms")
 
     def __init__(self, x0: torch.Tensor | Terms, eps: torch.Tensor | Terms):
-        self._x0, self.x0_terms = _as_terms(x0, "x0")
-        self._eps, self.eps_terms = _as_terms(eps, "eps")
+        self._x0, self._x0_terms = _as_terms(x0, "x0")
+        self._eps, self._eps_terms = _as_terms(eps, "eps")
 
     @property
     def x0(self) -> torch.Tensor:
         if self._x0 is None:
-            self._x0 = lincomb(*self.x0_terms)
+            self._x0 = lincomb(*self._x0_terms)
         return self._x0
 
     @property
     def eps(self) -> torch.Tensor:
         if self._eps is None:
-            self._eps = lincomb(*self.eps_terms)
+            self._eps = lincomb(*self._eps_terms)
         return self._eps
 
     def __iter__(self) -> Iterator[torch.Tensor]:

@@ -1,138 +1,309 @@
-"""``sample`` and ``invert``: thin loops of ``step`` / ``unstep`` over a time grid."""
+"""``sample`` and ``invert``: thin loops of a solver's ``step`` / ``unstep`` over a time grid."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
-from bdia.models import Denoiser
-from bdia.schedules import check_grid
+from bdia.models import Denoiser, Prediction
+from bdia.schedules import Schedule, check_grid
+from bdia.solvers import Solver
 from bdia.state import State, check_latent, check_state
 
-__all__ = ["invert", "sample"]
+__all__ = ["FiniteCheck", "Start", "Step", "begin", "invert", "sample"]
+
+
+class Step:
+    """What a callback sees after each step: ``i`` (steps taken on the grid so far), the step's times ``t`` ->
+    ``t_next`` (in the walk's direction), ``state`` (the state after the step, oriented as the walk returns it),
+    ``x`` (the latent of the step's first model evaluation, at ``t``) and ``x0`` (that evaluation's prediction of
+    the clean data, built on first access). Return ``True`` from the callback to stop the walk after this step: it
+    then returns ``state``."""
+
+    __slots__ = ("_pred", "i", "state", "t", "t_next", "x")
+
+    def __init__(self, i: int, t: float, t_next: float, state: State, x: torch.Tensor, pred: Prediction):
+        self.i, self.t, self.t_next, self.state, self.x, self._pred = i, t, t_next, state, x, pred
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self._pred.x0
+
+    def __repr__(self) -> str:
+        return f"Step(i={self.i}, t={self.t}, t_next={self.t_next})"
+
+
+Callback = Callable[[Step], bool | None]
 
 
 def sample(
     model: Denoiser,
     x: torch.Tensor | State,
     ts: torch.Tensor,
-    solver: Any,
+    solver: Solver,
     *,
+    strength: float | None = None,
+    grad: bool = False,
     progress: bool = False,
-    callback: Callable[[State], None] | None = None,
+    callback: Callback | None = None,
     check_finite: bool = True,
+    max_amplification: float | None = None,
     **model_kwargs: Any,
 ) -> State:
-    """Integrate from ``ts[0]`` (noisiest) to ``ts[-1]``; returns ``State(x_prev, x)`` with ``x`` the sample.
+    """Integrate from ``ts[0]`` (noisiest) to ``ts[-1]``; returns a ``State`` whose ``x`` is the sample.
 
-    ``x`` is a latent at ``ts[0]`` or a ``State`` from ``invert`` over the same grid (whose pair is then
-    continued, never regenerated), or from an earlier ``sample`` ending at ``ts[0]``.
-    ``model_kwargs`` go to every model call (conditioning). ``callback(state)`` runs after every step.
-    ``check_finite`` raises if a non-finite value appears (checked on the device, one sync at the end).
+    ``x`` is a latent at ``ts[0]`` or a ``State`` from ``invert`` over the same grid (whose pair is then continued,
+    never regenerated), or from an earlier ``sample`` ending at ``ts[0]``. ``strength`` in (0, 1] walks only the
+    last ``int(strength N)`` of the grid's N steps (img2img's sense; pair it with ``invert(..., strength=)``).
+    ``model_kwargs`` go to every model call (conditioning). No autograd graph is recorded unless ``grad=True``
+    (for gradients at constant memory see ``bdia.gradients.sample_with_grad``). ``callback(step)`` runs after
+    every step (see ``Step``) and stops the walk by returning ``True``. ``check_finite`` refuses a non-finite
+    input before any model call and raises, naming the first failing step, if a step produced NaN or inf (one
+    reduction per step on the device, one host sync at the end). ``max_amplification``: see ``begin``.
     """
-    return _walk(model, x, ts, solver, True, progress, callback, check_finite, model_kwargs)
+    return _walk(
+        model, x, ts, solver, True, strength, grad, progress, callback, check_finite, max_amplification, model_kwargs
+    )
 
 
 def invert(
     model: Denoiser,
     x: torch.Tensor | State,
     ts: torch.Tensor,
-    solver: Any,
+    solver: Solver,
     *,
+    strength: float | None = None,
+    grad: bool = False,
     progress: bool = False,
-    callback: Callable[[State], None] | None = None,
+    callback: Callback | None = None,
     check_finite: bool = True,
+    max_amplification: float | None = None,
     **model_kwargs: Any,
 ) -> State:
-    """Walk the same grid backwards, from ``ts[-1]`` to ``ts[0]``; returns ``State(x_prev, x)``, ``x`` at ``ts[0]``.
+    """Walk the same grid backwards, from ``ts[-1]`` to ``ts[0]``; returns a ``State`` whose ``x`` is at ``ts[0]``.
 
-    ``x`` is data at ``ts[-1]`` (a real image: its first step is one plain integrator step, the only
-    approximation of an exact solver) or a ``State`` returned by ``sample`` over the same grid (then the
-    inversion is exact up to rounding). Inverting over ``ts[k:]`` is partial inversion (editing strength).
-    With a one-step integrator as ``solver`` this is classic approximate DDIM-style inversion.
+    ``x`` is data at ``ts[-1]`` (a real image: its first step is one plain integrator step, the only approximation
+    of an exact solver; on a grid ending at sigma = 0 that step predicts the noise at the next grid time, see
+    ``bdia.integrators``) or a ``State`` returned by ``sample`` over the same grid (then the inversion is exact up to
+    rounding). ``strength`` in (0, 1] inverts only the last ``int(strength N)`` steps (partial inversion for
+    editing). With a one-step integrator as ``solver`` this is classic approximate DDIM-style inversion. The
+    keywords are those of ``sample``.
     """
-    return _walk(model, x, ts, solver, False, progress, callback, check_finite, model_kwargs)
+    return _walk(
+        model, x, ts, solver, False, strength, grad, progress, callback, check_finite, max_amplification, model_kwargs
+    )
 
 
-def _walk(model, x, ts, solver, forward, progress, callback, check_finite, kw) -> State:
-    grid = check_grid(ts, getattr(model, "schedule", None))
-    if not forward:
-        grid = grid[::-1]
-    stepped = isinstance(x, torch.Tensor)  # a lone latent: the solver's init may take the first step
-    bad_input = ~torch.isfinite(x).all() if check_finite and stepped else None
-    state, k = _begin(model, x, grid, solver, forward, kw)
-    stepped = stepped and k == 1
+class Start(NamedTuple):
+    """A walk ready to run: its grid in walk order, the state at its front (``x`` the walk's current latent,
+    oriented as ``step``/``unstep`` expect), and ``k``, the index of the grid time that ``state`` has reached."""
+
+    grid: list[float]
+    state: State | None
+    k: int
+
+
+def begin(
+    model: Denoiser,
+    x: torch.Tensor | State,
+    ts: torch.Tensor,
+    solver: Solver,
+    *,
+    forward: bool = True,
+    strength: float | None = None,
+    check_finite: bool = True,
+    max_amplification: float | None = None,
+    init: bool = True,
+    **model_kwargs: Any,
+) -> Start:
+    """Validate a walk and take its first step if it starts from a lone latent: everything before the loop.
+
+    With ``init=False`` a lone latent is validated but not stepped (``state`` is then ``None``, ``k`` 0).
+
+    Refused before any model call: a model that is not a denoiser, a solver that is not one, a bad grid, a
+    non-finite input (``check_finite``), a state that does not continue the grid or that the solver cannot continue,
+    and a walk whose ``solver.amplification`` of rounding errors exceeds ``max_amplification`` (default
+    ``1 / eps`` of the latent's dtype: past it, rounding alone can reach the scale of the data; docs/theory.md).
+    """
+    _check_model(model)
+    _check_solver(solver)
+    grid = check_grid(ts, model.schedule)
+    grid = _strength(grid, strength)
+    latent = check_state(x, "x").x if isinstance(x, State) else check_latent(x)
     if check_finite:
-        bad = _nonfinite(state) if bad_input is None else bad_input | _nonfinite(state)
-        # where the first failure happened, kept on the device: -2 the input, -1 the state at grid[k]
-        first_bad = (
-            torch.where(bad, -1, len(grid))
-            if bad_input is None
-            else torch.where(bad_input, -2, torch.where(bad, -1, len(grid)))
+        parts = [x] if isinstance(x, torch.Tensor) else [x.x_prev, x.x]
+        with torch.no_grad():  # (a check, not part of any graph)
+            finite = all(bool(torch.isfinite(p).all()) for p in parts)  # one host sync, before any model call
+        if not finite:
+            raise FloatingPointError("non-finite values (NaN or inf) in the input x")
+    _check_amplification(solver, model.schedule, grid, forward, latent.dtype, max_amplification)
+    walk = grid if forward else grid[::-1]
+    if not init and not isinstance(x, State):
+        return Start(walk, None, 0)
+    if isinstance(x, State):
+        state, where = x, "x (a bdia.State)"
+    else:
+        state, where = solver.init(model, x, walk[0], walk[1], **model_kwargs), "the solver's first step"
+    if state.t_prev < state.t:
+        state = state.flipped()  # sampling orientation: x_prev the noisier point
+    front, other = (state.t, state.t_prev) if forward else (state.t_prev, state.t)
+    if front == walk[0]:
+        k = 0
+    elif front == walk[1] and other == walk[0]:
+        k = 1
+    else:
+        raise ValueError(
+            f"{where} holds times ({state.t_prev}, {state.t}) that do not continue this grid "
+            f"(which {'samples' if forward else 'inverts'} from t={walk[0]} via t={walk[1]}): "
+            "pass the grid that made it"
         )
-    if callback is not None:
-        callback(_facing(state, forward))
-    move = solver.step if forward else solver.unstep
-    with tqdm(total=len(grid) - 1, initial=k, disable=not progress, desc="sample" if forward else "invert") as bar:
-        for i, t in enumerate(grid[k + 1 :]):
-            state = move(model, state, t, **kw)
-            if check_finite:
-                now = _nonfinite(state, forward)
-                first_bad = torch.where(now & ~bad, i, first_bad)
-                bad = bad | now
-            if callback is not None:
-                callback(_facing(state, forward))
-            bar.update()
-    if check_finite and bool(bad):
-        at = int(first_bad)
-        j = k + 1 + at  # the grid index the failing step went to
-        if at == -2 or (at == -1 and not stepped):
-            where = "in the input"
-        else:
-            where = f"in step {j} of {len(grid) - 1} (t = {grid[j - 1]} -> {grid[j]})"
-        raise FloatingPointError(
-            f"non-finite values (NaN or inf) produced {where}: check the model output, the schedule's end "
-            "points (an epsilon model cannot give x0 where alpha = 0) and the state's dtype range"
+    return Start(walk, state, k)
+
+
+def _walk(model, x, ts, solver, forward, strength, grad, progress, callback, check_finite, limit, kw) -> State:
+    _check_model(model)
+    recorder = _FirstEvaluation(model) if callback is not None else None
+    with torch.set_grad_enabled(grad):
+        grid, state, k = begin(
+            recorder or model,
+            x,
+            ts,
+            solver,
+            forward=forward,
+            strength=strength,
+            check_finite=check_finite,
+            max_amplification=limit,
+            **kw,
         )
-    return _facing(state, forward)
+        n = len(grid) - 1
+        check = FiniteCheck(grid, solver, state.x.device) if check_finite else None
+        stepped = k == 1 and isinstance(x, torch.Tensor)  # the solver's init took the first step
+        if check is not None and stepped:
+            check.record(1, state, forward)
+        stop = (
+            stepped
+            and callback is not None
+            and callback(Step(1, grid[0], grid[1], _facing(state, forward), *recorder.first)) is True
+        )
+        move = solver.step if forward else solver.unstep
+        with tqdm(total=n, initial=k, disable=not progress, desc="sample" if forward else "invert") as bar:
+            for j in range(k + 1, n + 1):
+                if stop:
+                    break
+                if recorder is not None:
+                    recorder.reset()
+                state = move(recorder or model, state, grid[j], **kw)
+                if check is not None:
+                    check.record(j, state, forward)
+                bar.update()
+                if callback is not None:
+                    stop = callback(Step(j, grid[j - 1], grid[j], _facing(state, forward), *recorder.first)) is True
+        if check is not None:
+            check.raise_if_bad()
+        return _facing(state, forward)
+
+
+_HINT = (
+    "check the model output, the schedule's end points (an epsilon model cannot give x0 where alpha = 0) and the "
+    "state's dtype range"
+)
+
+
+class FiniteCheck:
+    """NaN or inf in a walk's latents, found without a host sync per step: ``record`` stores one float64 sum of the
+    latent each step made (NaN or inf makes it non-finite; a finite float32 or half latent cannot overflow a
+    float64 sum) in a preallocated device buffer; ``raise_if_bad`` reads it once and names the first failing step."""
+
+    def __init__(self, grid: list[float], solver: object, device: torch.device):
+        self.grid, self.solver = grid, solver
+        self.sums = torch.zeros(len(grid), dtype=torch.float64, device=device)
+
+    def record(self, j: int, state: State, forward: bool) -> None:
+        """After the step to ``grid[j]``: the latent it made (both, for coupled copies)."""
+        total = (state.x if forward or state.coupled else state.x_prev).sum(dtype=torch.float64)
+        if state.coupled:
+            total = total + state.x_prev.sum(dtype=torch.float64)
+        self.sums[j] = total  # a device-side copy
+
+    def raise_if_bad(self) -> None:
+        bad = ~torch.isfinite(self.sums)
+        if bool(bad.any()):  # the one host sync of the walk
+            j, g = int(bad.nonzero()[0, 0]), self.grid
+            hint = getattr(self.solver, "nonfinite_hint", None) or _HINT
+            raise FloatingPointError(
+                f"non-finite values (NaN or inf) produced in step {j} of {len(g) - 1} "
+                f"(t = {g[j - 1]} -> {g[j]}): {hint}"
+            )
 
 
 def _facing(state: State, forward: bool) -> State:
-    """A state in sampling orientation (``x_prev`` the noisier point), as the walk reports it: ``x`` is the
-    latent the walk ended on. A pair of latents at one time (EDICT) keeps its order."""
-    return state if forward or state.t_prev == state.t else state.flipped()
+    """A state as the walk reports it: ``x`` is the latent the walk ended on (``flipped`` leaves coupled copies)."""
+    return state if forward else state.flipped()
 
 
-def _nonfinite(state: State, forward: bool | None = None) -> torch.Tensor:
-    """True (on the device) if a latent of ``state`` is not finite. After a step (``forward`` given) only the
-    latent that step made is read, since the other was checked as the previous step's; a pair at one time
-    (EDICT) is new on both sides."""
-    if forward is None or state.t_prev == state.t:
-        return ~(torch.isfinite(state.x).all() & torch.isfinite(state.x_prev).all())
-    return ~torch.isfinite(state.x if forward else state.x_prev).all()
+class _FirstEvaluation:
+    """A denoiser that passes calls through and keeps the first one of each step (for the callback)."""
+
+    def __init__(self, model: Denoiser):
+        self.model, self.schedule, self.first = model, model.schedule, None
+
+    def reset(self) -> None:
+        self.first = None
+
+    def __call__(self, x: torch.Tensor, t: float, **kw: Any) -> Prediction:
+        pred = self.model(x, t, **kw)
+        if self.first is None:
+            self.first = (x, pred)
+        return pred
 
 
-def _begin(model, x, grid: list[float], solver, forward: bool, kw) -> tuple[State, int]:
-    """Turn the input into a state in sampling orientation (``x_prev`` the noisier point) and find where
-    on ``grid`` (the walk's order) its front lies: index 0, or 1 when its other point is ``grid[0]``."""
-    if isinstance(x, State):
-        state = check_state(x, "x")
-        where = "x (a bdia.State)"
-    else:
-        x = check_latent(x)
-        state = solver.init(model, x, grid[0], grid[1], **kw)
-        where = "the solver's first step"
-    if state.t_prev < state.t:
-        state = state.flipped()
-    front, other = (state.t, state.t_prev) if forward else (state.t_prev, state.t)
-    if front == grid[0]:
-        return state, 0
-    if front == grid[1] and other == grid[0]:
-        return state, 1
-    raise ValueError(
-        f"{where} holds times ({state.t_prev}, {state.t}) that do not continue this grid "
-        f"(which {'samples' if forward else 'inverts'} from t={grid[0]} via t={grid[1]}): pass the grid that made it"
-    )
+def _strength(grid: list[float], strength: float | None) -> list[float]:
+    if strength is None:
+        return grid
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not (0.0 < strength <= 1.0):
+        raise ValueError(
+            f"strength must be a float in (0, 1] (the share of the grid's steps to walk), got {strength!r}"
+        )
+    n = len(grid) - 1
+    k = min(int(n * strength), n)  # as diffusers' img2img: int(num_inference_steps * strength)
+    if k < 1:
+        raise ValueError(f"strength={strength} walks int({n} * {strength}) = 0 of the grid's {n} steps; use more")
+    return grid[n - k :]
+
+
+def _check_model(model: object) -> None:
+    schedule = getattr(model, "schedule", None)
+    if not callable(model) or not isinstance(schedule, Schedule) or isinstance(model, type):
+        raise TypeError(
+            f"model must be a denoiser (an object with a bdia.schedules.Schedule as .schedule, called as "
+            f"model(x, t) -> Prediction), e.g. bdia.models.Model(net, schedule, prediction); got "
+            f"{model.__name__ if isinstance(model, type) else type(model).__name__}"
+        )
+
+
+def _check_solver(solver: object) -> None:
+    if isinstance(solver, type):
+        raise TypeError(f"solver must be an instance, e.g. {solver.__name__}(), got the class {solver.__name__}")
+    if not isinstance(solver, Solver):
+        raise TypeError(
+            f"solver must have init, step, unstep and amplification (e.g. bdia.solvers.BDIA()), got "
+            f"{type(solver).__name__}"
+        )
+
+
+def _check_amplification(solver, schedule, grid, forward, dtype, limit) -> None:
+    if limit is None:
+        limit = 1.0 / torch.finfo(dtype).eps
+    elif isinstance(limit, bool) or not isinstance(limit, int | float) or not limit >= 1:
+        raise ValueError(f"max_amplification must be a number >= 1 (or None for the dtype's default), got {limit!r}")
+    a = solver.amplification(schedule, grid, forward)
+    if a > limit:
+        raise ValueError(
+            f"this {'sampling' if forward else 'inversion'} walk with {solver!r} can amplify rounding errors by up to "
+            f"{a:.3g}, past {limit:.3g} (max_amplification; by default 1/eps of {dtype}), where rounding alone can "
+            "reach the scale of the data: use gamma closer to 1, another grid, float64 or the exact mode "
+            "(bdia.exact.Exact), or pass max_amplification= to run it anyway (docs/theory.md)"
+        )

@@ -85,7 +85,7 @@ def _methods() -> dict[str, _Method]:
     bdia1, exact = (lambda: BDIA(DDIM(), 1.0)), (lambda: Exact(BDIA(DDIM(), 0.5)))
     return {
         "plain autograd": _Method(
-            bdia1, lambda m, x, ts, s: bdia.sample(m, x, ts, s, check_finite=False), lambda a, b, b_x: b / a
+            bdia1, lambda m, x, ts, s: bdia.sample(m, x, ts, s, check_finite=False, grad=True), lambda a, b, b_x: b / a
         ),
         "checkpoint per step": _Method(
             bdia1, lambda m, x, ts, s: sample_with_grad(m, x, ts, s, checkpoint_every=1), lambda a, b, b_x: 1 + b / a
@@ -179,7 +179,7 @@ def one(name: str, n: int, size: int, batch: int, device_name: str, repeats: int
     a, b, b_x = _eval_costs(net, noise, clock, device)
     solver = method.solver()
     x = noise.clone().requires_grad_()
-    ref = bdia.sample(model, x, ts, solver.surrogate if isinstance(solver, Exact) else solver)
+    ref = bdia.sample(model, x, ts, solver.surrogate if isinstance(solver, Exact) else solver, grad=True)
     ((ref.x - target) ** 2).mean().backward()
     return {
         "method": name,

@@ -69,7 +69,8 @@ def _problem(ns: list[int], batch: int, tol: float):
 
 
 def _walks(gmm, grid, solver, latent: torch.Tensor, data: torch.Tensor) -> dict[str, float]:
-    kw = {"check_finite": False}
+    # the benchmark measures the failures the default amplification bound refuses, so it lifts the bound
+    kw = {"check_finite": False, "max_amplification": math.inf}
     out = bdia.sample(gmm, latent, grid, solver, **kw)
     back = bdia.invert(gmm, out, grid, solver, **kw)
     inv = bdia.invert(gmm, data, grid, solver, **kw)
@@ -205,7 +206,8 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
             for n in ns:
                 latent = ref[float(grids[n][0])].to(DTYPES[dt])
                 out = bdia.sample(gmm, latent, grids[n], solver, check_finite=False)
-                line.append(_rel(bdia.invert(gmm, out, grids[n], solver, check_finite=False).x, latent))
+                back = bdia.invert(gmm, out, grids[n], solver, check_finite=False, max_amplification=math.inf)
+                line.append(_rel(back.x, latent))
             err.append(line)
         maps[dt] = {"gammas": gammas, "N": ns, "error": err}
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -113,7 +113,7 @@ def per_step(repeats: int, inner: int, shape: tuple[int, ...] = (4, 4, 64, 64)) 
     )  # gamma = 1: x_next = x_prev + Phi(x; ->next) - Phi(x; ->prev)
     c_x0, c_eps = kn.alpha - kp.alpha, kn.sigma - kp.sigma
     c_x, c_out = c_x0 / k.alpha, c_eps - c_x0 * k.sigma / k.alpha
-    r = c_x / c_out  # |c_out| > |c_x| here: out leads, as bdia.linalg.factored would choose
+    r = c_x / c_out  # |c_out| > |c_x| here: out leads, as the internal bdia._linalg.factored would choose
     ddim, bd, half = DDIM(), BDIA(DDIM(), 1.0), BDIA(DDIM(), 0.5)
     fns = {
         "torch.add (floor)": lambda: torch.add(x, out),

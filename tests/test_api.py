@@ -79,7 +79,8 @@ def test_sampling_from_an_inverted_pair_continues_it():
     assert (z.t, z.t_prev) == (901.0, 801.0)
     seen = []
     bdia.sample(model, z, ts, BDIA(), callback=seen.append)
-    assert seen[0].x is z.x_prev and seen[0].x_prev is z.x  # the walk starts from the given pair
+    # the walk starts from the given pair: its first evaluation is at z's later point, which it keeps
+    assert seen[0].x is z.x_prev and seen[0].state.x_prev is z.x_prev and (seen[0].t, seen[0].t_next) == (801.0, 701.0)
     # regenerating x_{N-1} with a plain step instead would lose exactness
     regenerated = bdia.sample(model, z.x, ts, BDIA()).x
     assert rel_err(regenerated, x0) > 1e-6 > rel_err(bdia.sample(model, z, ts, BDIA()).x, x0)

@@ -63,7 +63,7 @@ def compare(model, x, ts, solver, reference, leaves, target, checkpoint_every=No
         return sample_with_grad(model, x, ts, solver, checkpoint_every=checkpoint_every, **kw)
 
     def plain():
-        return bdia.sample(model, x, ts, reference, **kw)
+        return bdia.sample(model, x, ts, reference, grad=True, **kw)
 
     ours.target = plain.target = target
     return rel(gradients(ours, leaves), gradients(plain, leaves))
@@ -161,7 +161,10 @@ def test_forward_keeps_no_graph():
     for n in (5, 20):
         ts = grid("sd", n, variant=1)
         assert saved(lambda ts=ts: sample_with_grad(model, x, ts, BDIA(), cond=cond)) == 0
-    plain = [saved(lambda n=n: bdia.sample(model, x, grid("sd", n, variant=1), BDIA(), cond=cond)) for n in (5, 20)]
+    plain = [
+        saved(lambda n=n: bdia.sample(model, x, grid("sd", n, variant=1), BDIA(), cond=cond, grad=True))
+        for n in (5, 20)
+    ]
     assert plain[1] > 3 * plain[0] > 0  # the baseline does grow, so the check above can fail
 
 

@@ -1,4 +1,4 @@
-"""``bdia.linalg``: the one arithmetic kernel of every step (merging, factoring, half precision, NaN)."""
+"""``bdia._linalg`` (internal): the one arithmetic kernel of every step (merging, factoring, half precision, NaN)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bdia.linalg import factored, lincomb
+from bdia._linalg import factored, lincomb
 from bdia.models import GaussianMixture
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM, Euler

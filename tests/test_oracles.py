@@ -149,7 +149,7 @@ def test_ddim_trajectory_matches_diffusers(diffusers, pred, spacing, offset, to_
     assert ts[:n].tolist() == [float(t) for t in sched.timesteps.tolist()] and len(ts) == n + 1
     x_T = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
     path = [x_T]
-    out = bdia.sample(model, x_T, ts, DDIM(), callback=lambda st: path.append(st.x))
+    out = bdia.sample(model, x_T, ts, DDIM(), callback=lambda st: path.append(st.state.x))
     assert out.x.dtype == torch.float32 and torch.equal(out.x, path[-1]) and len(path) == n + 1
     for i, t in enumerate(sched.timesteps.tolist()):
         x = path[i]
@@ -168,7 +168,8 @@ def test_ddim_inversion_matches_diffusers_inverse_step(diffusers, pred, spacing,
     ``timestep - T // n`` (or its initial alpha when that is negative) to ``timestep`` with whatever output the
     caller passes, and diffusers' inversion pipelines pass the network evaluated at the DESTINATION timestep
     (``unet(latents, t)``). Our ``invert`` with ``DDIM()`` evaluates the model at the START point (the state it
-    is at, at its own time), the classic DDIM inversion of Song et al. So this test checks the step arithmetic
+    is at, at its own time), the classic DDIM inversion of Song et al., except from clean data at sigma = 0, where
+    it evaluates at the destination as diffusers does. So this test checks the step arithmetic
     by feeding diffusers' inverse step the output we evaluate at our start point; with diffusers' pipeline
     convention the two inversions differ by a model-evaluation-time shift, not by rounding.
     """
@@ -179,11 +180,15 @@ def test_ddim_inversion_matches_diffusers_inverse_step(diffusers, pred, spacing,
     assert [float(t) for t in sched.timesteps.tolist()] == up[1:]
     x_0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
     path = [x_0]
-    bdia.invert(model, x_0, ts, DDIM(), callback=lambda st: path.append(st.x))
+    bdia.invert(model, x_0, ts, DDIM(), callback=lambda st: path.append(st.state.x))
     assert len(path) == n + 1
     for i, t in enumerate(sched.timesteps.tolist()):
         x, start = path[i], up[i]
-        model_output = net(x, torch.full((4,), start))
+        # from clean data (alpha = 1, sigma = 0) the first step predicts the noise at its destination: the network
+        # is never evaluated at t = -1, where it was not trained
+        # (its noise prediction there is what diffusers' step must take as its output at alpha = 1: there, eps = v)
+        clean = schedule.at(start).sigma == 0
+        model_output = model(x, float(t)).eps if clean else net(x, torch.full((4,), start))
         theirs = sched.step(model_output, t, x).prev_sample
         bound = _step_bound(schedule, pred, start, float(t), x, model_output)
         err = (theirs - path[i + 1]).abs()
@@ -217,7 +222,7 @@ def test_heun_matches_edm_algorithm_1(n, rho):
     want = edm_algorithm_1(lambda z, t: gmm(z, t).x0, x, sigmas.tolist())
     counted = CountNFE(gmm)
     ours = [x]
-    bdia.sample(counted, x, sigmas, Heun(), callback=lambda st: ours.append(st.x))
+    bdia.sample(counted, x, sigmas, Heun(), callback=lambda st: ours.append(st.state.x))
     assert counted.calls == 2 * n - 1  # n steps, the last (to sigma = 0) an Euler step
     assert len(ours) == len(want) == n + 1
     for i, (a, b) in enumerate(zip(ours, want, strict=True)):
@@ -319,7 +324,7 @@ def test_euler_equals_ddim_on_edm_and_flow_only(kind):
     paths = {}
     for name, solver in (("euler", Euler()), ("ddim", DDIM())):
         paths[name] = []
-        bdia.sample(gmm, x, ts, solver, callback=lambda st, p=paths[name]: p.append(st.x))
+        bdia.sample(gmm, x, ts, solver, callback=lambda st, p=paths[name]: p.append(st.state.x))
     diff = max(float((a - b).norm() / b.norm()) for a, b in zip(paths["euler"], paths["ddim"], strict=True))
     if kind == "vp":
         assert diff > 1e-3  # Euler in native time is a different first-order method there

@@ -19,9 +19,17 @@ def _stand_ins() -> dict:
     edm = GaussianMixture.random(EDM(), dim=8, components=3, std=0.5)
     flow = GaussianMixture.random(Flow(), dim=8, components=3, std=0.5)
 
-    def my_unet(x, t, encoder_hidden_states):
-        # an epsilon network whose answer depends (a little) on its conditioning
-        return sd(x, float(t[0])).eps + 0.01 * encoder_hidden_states.mean(-1, keepdim=True)
+    class MyUNet(torch.nn.Module):
+        """An epsilon network whose answer depends (a little) on its conditioning and on one weight."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(0.01, dtype=torch.float64))
+
+        def forward(self, x, t, encoder_hidden_states):
+            return sd(x, float(t[0])).eps + self.w * encoder_hidden_states.mean(-1, keepdim=True)
+
+    my_unet = MyUNet()
 
     def denoiser(x, t):  # EDM: predicts x0
         return edm(x, float(t[0])).x0
