@@ -137,6 +137,22 @@ class ExactState(State):
             )
         return dataclasses.replace(self, **changes)
 
+    def __getitem__(self, rows: Any) -> ExactState:
+        """The samples ``rows`` with their integers, buffer and spilled words: every one of them is per element
+        (only the data-independent bounds are shared), so inverting a selection is as exact as the whole batch."""
+        base, f = State.__getitem__(self, rows), self.fixed
+        if f is None:
+            return base  # type: ignore[return-value]
+        r = _rows(rows)
+        g = dataclasses.replace(
+            f,
+            X_prev=f.X_prev[r],
+            X=f.X[r],
+            buffer=f.buffer[r],
+            stack=tuple(dataclasses.replace(sp, low=sp.low[r]) for sp in f.stack),
+        )
+        return ExactState(base.x_prev, base.x, self.t_prev, self.t, self.coupled, g)
+
     def flipped(self) -> ExactState:
         f = self.fixed
         g = None if f is None else dataclasses.replace(f, X_prev=f.X, X=f.X_prev)
@@ -196,6 +212,10 @@ class ExactState(State):
             )
             fixed = Fixed(fd["X_prev"], fd["X"], fd["buffer"], stack, Fraction(*fd["bound"]), int(fd["frac_bits"]))
         return ExactState(base.x_prev, base.x, base.t_prev, base.t, base.coupled, fixed)
+
+
+def _rows(rows: Any) -> Any:
+    return slice(rows, rows + 1 or None) if isinstance(rows, int) else rows
 
 
 def _versions(s: State) -> tuple[int, int] | None:

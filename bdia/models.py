@@ -2,7 +2,7 @@
 
 A *denoiser* is any object with a ``schedule`` attribute and ``__call__(x, t, **kwargs) -> Prediction``
 where ``t`` is a python float in the schedule's native time. ``Model`` makes one from a network
-``net(x, t_batch, **kwargs) -> Tensor``; ``GaussianMixture`` is an exact analytic one (NOTES section 7).
+``net(x, t_batch, **kwargs) -> Tensor``; ``GaussianMixture`` is an exact analytic one (docs/theory.md).
 """
 
 from __future__ import annotations
@@ -139,11 +139,16 @@ class Model:
             self._param = prediction
         else:
             raise TypeError(f"prediction must be a name in {sorted(PREDICTIONS)} or a callable")
+        if time_dtype is not None and not isinstance(time_dtype, torch.dtype):
+            raise TypeError(f"time_dtype must be a torch.dtype or None, got {time_dtype!r}")
         self.net, self.schedule, self.prediction, self.time_dtype = net, schedule, prediction, time_dtype
 
     def __call__(self, x: torch.Tensor, t: float, **kwargs: Any) -> Prediction:
         k = self.schedule.at(t)
         dtype = self.time_dtype or (x.dtype if x.element_size() >= 4 else torch.float32)
+        if not dtype.is_floating_point and t != math.floor(t):
+            # an integer time tensor would truncate it (a continuous schedule's time, or a stage between grid points)
+            raise ValueError(f"time t={t} is not an integer, so it cannot be passed as time_dtype={dtype}")
         out = self.net(x, torch.full((x.shape[0],), t, dtype=dtype, device=x.device), **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -198,23 +203,44 @@ class CFG:
 
 
 def _cat_batch(name: str, u: Any, c: Any, B: int) -> Any:
-    if not isinstance(c, torch.Tensor):
-        if c != u:
+    """The unconditional and conditional values of one keyword batched as ``[u; c]``: tensors are concatenated
+    along the batch (a batch of 1 is broadcast), dicts and lists/tuples entry by entry (SDXL's
+    ``added_cond_kwargs``), and anything else must be equal on both sides (it cannot be batched)."""
+    if isinstance(c, dict) or isinstance(u, dict):
+        if not (isinstance(c, dict) and isinstance(u, dict)) or set(c) != set(u):
+            raise ValueError(
+                f"conditioning {name!r} is a dict: its unconditional counterpart must be a dict with the same keys, "
+                f"got {sorted(u) if isinstance(u, dict) else type(u).__name__} and "
+                f"{sorted(c) if isinstance(c, dict) else type(c).__name__}"
+            )
+        return {k: _cat_batch(f"{name}[{k!r}]", u[k], c[k], B) for k in c}
+    if isinstance(c, list | tuple) or isinstance(u, list | tuple):
+        if type(c) is not type(u) or len(c) != len(u):
+            raise ValueError(
+                f"conditioning {name!r} and its unconditional counterpart must be {type(c).__name__}s of one length"
+            )
+        return type(c)(_cat_batch(f"{name}[{i}]", a, b, B) for i, (a, b) in enumerate(zip(u, c, strict=True)))
+    if not isinstance(c, torch.Tensor) and not isinstance(u, torch.Tensor):
+        if c is not u and c != u:
             raise ValueError(f"non-tensor conditioning {name!r} must equal its unconditional value")
         return c
+    if not (isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor)):
+        raise TypeError(f"conditioning {name!r} is a tensor on one side only (unconditional and conditional)")
 
     def fit(v: torch.Tensor, what: str) -> torch.Tensor:
+        if v.dim() == 0:
+            raise ValueError(f"{what} conditioning {name!r} is a 0-d tensor; it needs a batch dimension")
         if v.shape[0] == B:
             return v
         if v.shape[0] == 1:
             return v.expand(B, *v.shape[1:])
         raise ValueError(f"{what} conditioning {name!r} has batch {v.shape[0]}, expected 1 or {B}")
 
-    return torch.cat([fit(torch.as_tensor(u, device=c.device), "unconditional"), fit(c, "conditional")])
+    return torch.cat([fit(u.to(c.device), "unconditional"), fit(c, "conditional")])
 
 
 class GaussianMixture:
-    """Exact denoiser for data ``sum_k w_k N(mu_k, s_k^2 I)`` under any schedule (NOTES section 7).
+    """Exact denoiser for data ``sum_k w_k N(mu_k, s_k^2 I)`` under any schedule (docs/theory.md).
 
     The noised marginal is ``sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I)``, so ``x0_hat`` and
     ``eps_hat`` (posterior means) are closed-form: a softmax over components, computed in float64 and
@@ -229,16 +255,20 @@ class GaussianMixture:
         stds: float | torch.Tensor = 0.1,
         weights: torch.Tensor | None = None,
     ):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a bdia.schedules.Schedule, got {type(schedule).__name__}")
         self.schedule = schedule
         self.means = torch.as_tensor(means, dtype=torch.float64)
         if self.means.dim() != 2:
             raise ValueError(f"means must be (components, dim), got shape {tuple(self.means.shape)}")
+        if not bool(torch.isfinite(self.means).all()):
+            raise ValueError("means must be finite")
         K = self.means.shape[0]
         self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()
-        if not bool((self.stds > 0).all()):
-            raise ValueError("stds must be > 0")
+        if not bool(((self.stds > 0) & torch.isfinite(self.stds)).all()):
+            raise ValueError("stds must be finite and > 0")
         w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights).double()
-        if w.shape != (K,) or not bool((w > 0).all()):
+        if w.shape != (K,) or not bool(((w > 0) & torch.isfinite(w)).all()):
             raise ValueError(f"weights must be {K} positive numbers")
         self.weights = w / w.sum()
 
@@ -266,7 +296,7 @@ class GaussianMixture:
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[labels] + self.stds[labels, None] * z
 
-    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None, **_: Any) -> Prediction:
+    def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> Prediction:
         k = self.schedule.at(t)
         B = x.shape[0]
         if x[0].numel() != self.dim:

@@ -141,7 +141,9 @@ class DiscreteVP(Schedule):
         ``rescale_zero_terminal_snr``: Lin et al. (2023), Algorithm 1: shift and scale sqrt(abar) so
         that the last step is pure noise (then only x0-, v- or velocity-predicting models make sense there).
         """
-        T = int(num_train_timesteps)
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int):
+            raise TypeError(f"num_train_timesteps must be an int, got {num_train_timesteps!r}")
+        T = num_train_timesteps
         if T < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
         makers = {
@@ -192,8 +194,10 @@ class DiscreteVP(Schedule):
         dropped: the grid then has ``n`` points.
         """
         T = self.num_train_timesteps
-        if not isinstance(n, int) or not (1 <= n <= T):
+        if isinstance(n, bool) or not isinstance(n, int) or not (1 <= n <= T):
             raise ValueError(f"n must be an int in [1, {T}], got {n!r}")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int):
+            raise TypeError(f"steps_offset must be an int, got {steps_offset!r}")
         if spacing == "leading":
             steps = [k * (T // n) + steps_offset for k in range(n)]
         elif spacing == "trailing":
@@ -242,7 +246,7 @@ class VP(Schedule):
 
     def timesteps(self, n: int, *, eps: float = 1e-3) -> torch.Tensor:
         """``n`` uniform steps from ``t = 1`` to ``t = eps``: ``n + 1`` float64 times."""
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         if not (0 <= eps < 1):
             raise ValueError(f"eps must lie in [0, 1), got {eps}")
@@ -256,8 +260,8 @@ class EDM(Schedule):
     """Variance exploding in EDM's parametrisation (Karras et al. 2022): ``alpha = 1``, ``sigma = t``."""
 
     def __init__(self, sigma_max: float = 80.0):
-        if not sigma_max > 0:
-            raise ValueError(f"sigma_max must be > 0, got {sigma_max}")
+        if not (math.isfinite(sigma_max) and sigma_max > 0):
+            raise ValueError(f"sigma_max must be finite and > 0, got {sigma_max}")
         self.t_min, self.t_max = 0.0, float(sigma_max)
 
     def _at(self, t: float) -> Coefficients:
@@ -271,7 +275,7 @@ class EDM(Schedule):
         ``final_zero=False`` leaves out the trailing 0 (useful for inversion, which must start at sigma > 0
         for models that predict x0).
         """
-        if not isinstance(n, int) or n < 2:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"n must be an int >= 2 (the grid includes both sigma_max and sigma_min), got {n!r}")
         if not (0 < sigma_min < sigma_max <= self.t_max):
             raise ValueError(
@@ -299,10 +303,10 @@ class Flow(Schedule):
     def timesteps(self, n: int, *, shift: float = 1.0) -> torch.Tensor:
         """``n`` steps uniform in ``u`` from 1 to 0, warped by SD3's time shift
         ``t = shift u / (1 + (shift - 1) u)`` (``shift > 1`` spends more steps at high noise)."""
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be finite and > 0, got {shift}")
         u = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
         return shift * u / (1.0 + (shift - 1.0) * u)
 

@@ -136,9 +136,9 @@ class BDIA:
         return State(state.x, F.forward(state.x_prev), state.t, t_next)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
-        if self.gamma.bounds(model.schedule, t_prev, state.t_prev, state.t)[0] == 0:
+        if self.gamma.bounds(model.schedule, t_prev, _pair(state, self).t_prev, state.t)[0] == 0:
             raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
-        F = self.drift(model, _pair(state, self).x_prev, t_prev, state.t_prev, state.t, **kw)
+        F = self.drift(model, state.x_prev, t_prev, state.t_prev, state.t, **kw)
         return State(F.inverse(state.x), state.x_prev, t_prev, state.t_prev)
 
     def drift(self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float, **kw: Any) -> Drift:

@@ -56,6 +56,12 @@ class State:
         """Both latents through ``Tensor.to(*args, **kwargs)`` (a device, a dtype or both); times are unchanged."""
         return dataclasses.replace(self, x_prev=self.x_prev.to(*args, **kwargs), x=self.x.to(*args, **kwargs))
 
+    def __getitem__(self, rows: Any) -> State:
+        """The samples ``rows`` of the batch (an int keeps its batch dimension), e.g. to invert one of them."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 or None)  # (rows = -1: slice(-1, None))
+        return dataclasses.replace(self, x_prev=self.x_prev[rows], x=self.x[rows])
+
     def state_dict(self) -> dict[str, Any]:
         """The state as a plain dict of tensors, floats, ints, strings and lists, which ``torch.save`` stores and
         ``torch.load(weights_only=True)`` reads back (no code is unpickled). Times are python floats: exact."""

@@ -13,6 +13,7 @@ import json
 import math
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ __all__ = [
     "fmt",
     "interleaved",
     "loglog_slope",
+    "outputs",
     "print_table",
     "pyplot",
     "save",
@@ -63,6 +65,16 @@ def environment() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def outputs(quick: bool, results_dir: Path | None, img_dir: Path | None) -> tuple[Path, Path]:
+    """Where a run writes: the folders given, else the committed ``RESULTS`` and ``IMG`` for a full run and a fresh
+    temporary folder for a quick one (whose numbers are not for citing: it never overwrites the committed ones)."""
+    if quick and (results_dir is None or img_dir is None):
+        tmp = Path(tempfile.mkdtemp(prefix="bdia-bench-quick-"))
+        print(f"(quick run: results and plots go to {tmp})")
+        results_dir, img_dir = results_dir or tmp / "results", img_dir or tmp / "img"
+    return Path(results_dir or RESULTS), Path(img_dir or IMG)
 
 
 def save(results_dir: Path, name: str, payload: dict[str, Any]) -> Path:

@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("names", nargs="*", metavar="name", help=f"benchmarks to run (default: all of {list(REGISTRY)})")
     p.add_argument("--quick", action="store_true", help="a reduced grid that runs in seconds (numbers not for citing)")
-    p.add_argument("--results", type=Path, default=RESULTS, help="where the JSON results go")
-    p.add_argument("--img", type=Path, default=IMG, help="where the PNG plots go")
+    p.add_argument(
+        "--results", type=Path, help=f"where the JSON results go (default {RESULTS}; --quick: a temp folder)"
+    )
+    p.add_argument("--img", type=Path, help=f"where the PNG plots go (default {IMG}; --quick: a temp folder)")
     a = p.parse_args(argv)
     unknown = [n for n in a.names if n not in REGISTRY]
     if unknown:

@@ -30,7 +30,7 @@ import bdia
 from bdia.models import CountNFE, GaussianMixture
 from bdia.schedules import VP, DiscreteVP, Schedule
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM, Euler, Heun
-from benchmarks import IMG, RESULTS, heatmap, loglog_slope, print_table, pyplot, save, threads
+from benchmarks import heatmap, loglog_slope, outputs, print_table, pyplot, save, threads
 
 __all__ = ["PROBLEMS", "SETTINGS", "methods", "run", "solve_reference"]
 
@@ -235,7 +235,8 @@ def _plot_heatmaps(maps: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool = False, results_dir: Path = RESULTS, img_dir: Path = IMG) -> dict:
+def run(quick: bool = False, results_dir: Path | None = None, img_dir: Path | None = None) -> dict:
+    results_dir, img_dir = outputs(quick, results_dir, img_dir)
     with threads(1):
         return _run(quick, Path(results_dir), Path(img_dir))
 

@@ -43,7 +43,7 @@ from bdia.gradients import sample_with_grad
 from bdia.models import Model
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM
-from benchmarks import IMG, RESULTS, ROOT, print_table, pyplot, save
+from benchmarks import ROOT, outputs, print_table, pyplot, save
 
 __all__ = ["run"]
 
@@ -242,7 +242,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool = False, results_dir: Path = RESULTS, img_dir: Path = IMG) -> dict[str, Any]:
+def run(quick: bool = False, results_dir: Path | None = None, img_dir: Path | None = None) -> dict[str, Any]:
+    results_dir, img_dir = outputs(quick, results_dir, img_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ns = [2, 3] if quick else [10, 50, 200]
     size, batch, repeats = (4, 1, 1) if quick else (32, 2, 2)

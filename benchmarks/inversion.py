@@ -27,7 +27,7 @@ import torch
 import bdia
 from bdia.models import GaussianMixture
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM
-from benchmarks import IMG, RESULTS, heatmap, print_table, pyplot, save, threads
+from benchmarks import heatmap, outputs, print_table, pyplot, save, threads
 from benchmarks.accuracy import SD, solve_reference
 
 __all__ = ["methods", "run"]
@@ -160,7 +160,8 @@ def _plot_heat(maps: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool = False, results_dir: Path = RESULTS, img_dir: Path = IMG) -> dict:
+def run(quick: bool = False, results_dir: Path | None = None, img_dir: Path | None = None) -> dict:
+    results_dir, img_dir = outputs(quick, results_dir, img_dir)
     with threads(1):
         return _run(quick, Path(results_dir), Path(img_dir))
 

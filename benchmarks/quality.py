@@ -28,7 +28,7 @@ from bdia import digits
 from bdia.digits.metrics import DigitsJudge
 from bdia.models import CountNFE, Model
 from bdia.solvers import BDIA, DDIM, Heun, obelm_gamma
-from benchmarks import IMG, RESULTS, print_table, pyplot, save
+from benchmarks import IMG, outputs, print_table, pyplot, save
 
 __all__ = ["GAMMAS", "methods", "run"]
 
@@ -83,10 +83,14 @@ def _sample(model: CountNFE, solver: Any, noise: torch.Tensor, ts: torch.Tensor,
 
 
 def run(
-    quick: bool = False, results_dir: Path = RESULTS, img_dir: Path = IMG, seeds: tuple[int, ...] | None = None
+    quick: bool = False,
+    results_dir: Path | None = None,
+    img_dir: Path | None = None,
+    seeds: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Measure, print, save ``quality.json`` (rewritten after every seed, so a cut-off run keeps its finished
     seeds) and plot. ``seeds`` overrides the default (0, 1, 2)."""
+    results_dir, img_dir = outputs(quick, results_dir, img_dir)
     threads = torch.get_num_threads()
     # batches of 180 8x8 digits are too small to gain from threads, and on a shared machine extra threads spin
     torch.set_num_threads(1)

@@ -31,7 +31,7 @@ from bdia.models import PREDICTIONS, Model, Prediction
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM, EDICT
 from bdia.state import State
-from benchmarks import IMG, RESULTS, interleaved, print_table, pyplot, save, threads
+from benchmarks import interleaved, outputs, print_table, pyplot, save, threads
 
 __all__ = ["TinyConvNet", "run"]
 
@@ -288,7 +288,8 @@ def _plot(step: dict, e2e: dict, mem: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool = False, results_dir: Path = RESULTS, img_dir: Path = IMG) -> dict:
+def run(quick: bool = False, results_dir: Path | None = None, img_dir: Path | None = None) -> dict:
+    results_dir, img_dir = outputs(quick, results_dir, img_dir)
     with threads(1), torch.inference_mode():
         return _run(quick, Path(results_dir), Path(img_dir))
 

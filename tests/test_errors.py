@@ -204,7 +204,7 @@ def test_schedule_errors():
         VP(beta_min=1.0, beta_max=0.5)
     with pytest.raises(ValueError, match="sigma_min"):
         EDM().timesteps(10, sigma_min=100.0)
-    with pytest.raises(ValueError, match="shift must be > 0"):
+    with pytest.raises(ValueError, match="shift must be finite and > 0"):
         Flow().timesteps(10, shift=0.0)
     with pytest.raises(ValueError, match="steps_offset"):
         schedule("sd").timesteps(10, "leading", steps_offset=200)
@@ -214,7 +214,7 @@ def test_mixture_errors():
     s = schedule("sd")
     with pytest.raises(ValueError, match="means must be"):
         GaussianMixture(s, torch.zeros(3))
-    with pytest.raises(ValueError, match="stds must be > 0"):
+    with pytest.raises(ValueError, match="stds must be finite and > 0"):
         GaussianMixture(s, torch.zeros(2, 3), 0.0)
     with pytest.raises(ValueError, match="elements per sample"):
         GaussianMixture(s, torch.zeros(2, 3))(torch.zeros(1, 4), 10.0)

@@ -104,10 +104,6 @@ def run_digits(
     x = x.to(dtype)
     target = (y + shift) % 10
     ts = model.schedule.timesteps(steps, "trailing")
-    skip = round((1.0 - strength) * steps)
-    if not (0 <= skip < steps):
-        raise ValueError(f"strength must lie in (0, 1] and leave at least one step, got {strength}")
-    ts = ts[skip:]
     with torch.no_grad():  # one warm-up call, so that the first method's time does not carry the kernels' set-up
         model(x, float(ts[0]), labels=y)
     rows, panels = [], {}
@@ -115,12 +111,12 @@ def run_digits(
         t0 = time.perf_counter()
         with torch.no_grad():
             model.calls = 0
-            z = invert(model, x, ts, solver, labels=y)
+            z = invert(model, x, ts, solver, strength=strength, labels=y)
             nfe_inv = model.calls
             model.calls = 0
-            rec = sample(model, z, ts, solver, labels=y).x
+            rec = sample(model, z, ts, solver, strength=strength, labels=y).x
             nfe_rec = model.calls
-            edit = sample(model, z, ts, solver, labels=target).x
+            edit = sample(model, z, ts, solver, strength=strength, labels=target).x
         elapsed = time.perf_counter() - t0
         err = (rec.double() - x.double()).abs()
         rows.append(
@@ -218,11 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (1: none)")
     g.add_argument("--strength", type=float, default=1.0, help="fraction of the grid inverted (1 = down to noise)")
     g.add_argument("--out", type=Path, default=Path("digits_edit.png"), help="where the figure goes")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the demo's tensors are tiny, and on a busy machine a thread pool spins "
+        "waiting for cores instead of computing; see docs/digits.md)",
+    )
     g = p.add_argument_group("gmm")
     g.add_argument("--batch", type=int, default=64)
     g.add_argument("--dim", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error("--threads must be >= 1")
+    torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     a.steps = a.steps if a.steps is not None else {"digits": 20, "gmm": 50}[a.model]
     if a.model == "gmm":
