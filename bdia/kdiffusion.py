@@ -49,8 +49,8 @@ def sample_bdia(
     back exactly). ``integrator``: ``Euler()`` (default; 1 model call per step, ``sample_euler``'s cost) or
     ``Heun()`` (2 per step, 1 on a last step to sigma = 0, ``sample_heun``'s cost). ``gamma`` as in
     ``bdia.solvers.BDIA``: 0 is the plain integrator, 1 the exactly invertible default.
-    ``callback`` gets k-diffusion's dict after each step's first model call: ``x`` (the latent at ``sigmas[i]``
-    that was denoised), ``i``, ``sigma`` = ``sigma_hat`` = ``sigmas[i]`` (no churn), ``denoised``.
+    ``callback`` gets k-diffusion's dict once per step, about the step's first model call: ``x`` (the latent at
+    ``sigmas[i]`` that was denoised), ``i``, ``sigma`` = ``sigma_hat`` = ``sigmas[i]`` (no churn), ``denoised``.
     ``disable`` turns tqdm's bar off (None: off when stderr is not a terminal, as tqdm does).
     ``return_state=True`` returns the ``bdia.State`` pair instead, which ``invert_bdia`` needs to invert exactly
     from a last sigma of 0. Runs under ``torch.no_grad()``, as k-diffusion's samplers do.
