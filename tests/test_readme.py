@@ -34,6 +34,9 @@ def _stand_ins() -> dict:
     def denoiser(x, t):  # EDM: predicts x0
         return edm(x, float(t[0])).x0
 
+    def karras_model(x, sigma, cond):  # k-diffusion's convention: sigma of shape (batch,), returns x0
+        return edm(x, float(sigma[0])).x0 + 0.01 * cond.mean(-1, keepdim=True)
+
     def velocity_net(x, t):  # rectified flow: predicts eps - x0
         p = flow(x, float(t[0]))
         return p.eps - p.x0
@@ -42,6 +45,8 @@ def _stand_ins() -> dict:
         "my_unet": my_unet,
         "denoiser": denoiser,
         "velocity_net": velocity_net,
+        "karras_model": karras_model,
+        "print_step": lambda d: None,  # a k-diffusion callback
         "noise": torch.randn(2, 8, generator=g, dtype=torch.float64),
         "c": torch.randn(2, 4, dtype=torch.float64, generator=g),
         "src": torch.randn(2, 4, dtype=torch.float64, generator=g),
@@ -64,3 +69,4 @@ def test_readme_examples_run():
     assert torch.equal(ns["back"].fixed.X, torch.round(ns["noise"] * 2.0**k).to(torch.int64))
     assert ns["z0"].grad is not None and ns["z0"].grad.shape == ns["noise"].shape
     assert len(ns["ts"]) == 51 and ns["edit"].shape == ns["noise"].shape
+    assert float((ns["z_k"] - 80 * ns["noise"]).norm() / (80 * ns["noise"]).norm()) < 1e-14

@@ -1,0 +1,177 @@
+"""BDIA in k-diffusion's sampler convention (Karras et al. 2022, "Elucidating the design space of diffusion-based
+generative models"): a drop-in for code that calls ``k_diffusion.sampling.sample_euler`` and its kin.
+
+``sample_bdia(model, x, sigmas, extra_args, callback, disable)`` takes what k-diffusion's samplers take: a Karras
+denoiser ``model(x, sigma, **extra_args) -> x0`` (``sigma`` of shape ``(batch,)``), a latent at ``sigmas[0]`` and a
+1-D tensor of sigmas from the largest down to (usually) 0. It runs BDIA (Zhang, Lewis & Kleijn, ECCV 2024) over
+Euler or Heun in EDM's frame (alpha = 1, sigma = t) and returns the final latent; ``invert_bdia`` walks the same
+sigmas backwards. Neither imports k-diffusion. See docs/kdiffusion.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from bdia.models import Model
+from bdia.sampling import invert, sample
+from bdia.schedules import EDM
+from bdia.solvers import BDIA, Euler, GammaFn, Integrator
+from bdia.state import State
+
+__all__ = ["invert_bdia", "sample_bdia"]
+
+KarrasDenoiser = Callable[..., torch.Tensor]
+KCallback = Callable[[dict[str, Any]], Any]
+
+
+def sample_bdia(
+    model: KarrasDenoiser,
+    x: torch.Tensor | State,
+    sigmas: torch.Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: KCallback | None = None,
+    disable: bool | None = None,
+    gamma: float | torch.Tensor | GammaFn = 1.0,
+    integrator: Integrator | None = None,
+    *,
+    return_state: bool = False,
+) -> torch.Tensor | State:
+    """BDIA from ``sigmas[0]`` down to ``sigmas[-1]``; returns the final latent, like ``k_diffusion.sampling``.
+
+    ``x``: a latent at ``sigmas[0]`` (already scaled by it, as for k-diffusion), or the ``bdia.State`` that
+    ``invert_bdia(..., return_state=True)`` returned over the same sigmas (its pair is continued: the data comes
+    back exactly). ``integrator``: ``Euler()`` (default; 1 model call per step, ``sample_euler``'s cost) or
+    ``Heun()`` (2 per step, 1 on a last step to sigma = 0, ``sample_heun``'s cost). ``gamma`` as in
+    ``bdia.solvers.BDIA``: 0 is the plain integrator, 1 the exactly invertible default.
+    ``callback`` gets k-diffusion's dict once per step, about the step's first model call: ``x`` (the latent at
+    ``sigmas[i]`` that was denoised), ``i``, ``sigma`` = ``sigma_hat`` = ``sigmas[i]`` (no churn), ``denoised``.
+    ``disable`` turns tqdm's bar off (None: off when stderr is not a terminal, as tqdm does).
+    ``return_state=True`` returns the ``bdia.State`` pair instead, which ``invert_bdia`` needs to invert exactly
+    from a last sigma of 0. Runs under ``torch.no_grad()``, as k-diffusion's samplers do.
+    """
+    return _Walk(model, x, sigmas, extra_args, callback, disable, gamma, integrator).run(sample, return_state)
+
+
+def invert_bdia(
+    model: KarrasDenoiser,
+    x: torch.Tensor | State,
+    sigmas: torch.Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: KCallback | None = None,
+    disable: bool | None = None,
+    gamma: float | torch.Tensor | GammaFn = 1.0,
+    integrator: Integrator | None = None,
+    *,
+    return_state: bool = False,
+) -> torch.Tensor | State:
+    """The inverse of ``sample_bdia``: from ``sigmas[-1]`` up to ``sigmas[0]``; returns the latent at ``sigmas[0]``.
+
+    ``x``: the ``bdia.State`` that ``sample_bdia(..., return_state=True)`` returned over the same sigmas (then
+    the noise comes back to rounding, for gamma > 0), or data at ``sigmas[-1] > 0`` (a real image: its first
+    step is one plain integrator step, the only approximation). Data at sigma = 0 is refused: an x0-predicting
+    denoiser there gives ``eps = (x - x0) / sigma = 0 / 0``. Sample again from the inverted pair with
+    ``return_state=True`` and ``sample_bdia(model, state, sigmas, ...)``; a bare latent drops the pair and with
+    it exactness. The other arguments, and the callback dict (``i`` now counts down), as in ``sample_bdia``.
+    """
+    walk = _Walk(model, x, sigmas, extra_args, callback, disable, gamma, integrator)
+    if isinstance(x, torch.Tensor) and walk.grid[-1] == 0:
+        raise ValueError(
+            "x is a bare latent at sigmas[-1] = 0, where an x0-predicting denoiser gives no noise estimate "
+            "(eps = (x - x0) / sigma = 0/0): pass the bdia.State from sample_bdia(..., return_state=True) over "
+            "the same sigmas, or data at a last sigma > 0 (e.g. sigmas without the trailing 0)"
+        )
+    return walk.run(invert, return_state)
+
+
+class _Walk:
+    """The arguments checked and mapped to bdia: the grid, the EDM-frame model over the user's denoiser, the solver,
+    and bdia's callback that hands k-diffusion's dict to the user's."""
+
+    def __init__(self, model, x, sigmas, extra_args, callback, disable, gamma, integrator):
+        self.grid = _grid(sigmas)
+        if not callable(model):
+            raise TypeError(
+                f"model must be a Karras denoiser model(x, sigma, **extra_args) -> x0, got {type(model).__name__}"
+            )
+        if extra_args is None:
+            extra_args = {}
+        if not isinstance(extra_args, Mapping):
+            raise TypeError(
+                f"extra_args must be a dict of keyword arguments for the model, got {type(extra_args).__name__}"
+            )
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable with k-diffusion's dict, got {type(callback).__name__}")
+        if disable is not None and not isinstance(disable, bool):
+            raise TypeError(f"disable must be a bool or None, got {type(disable).__name__}")
+        self.solver = BDIA(Euler() if integrator is None else integrator, gamma)
+        latent = x.x if isinstance(x, State) else x
+        time_dtype = latent.dtype if isinstance(latent, torch.Tensor) else None  # otherwise the walk names the error
+        self.denoiser = _Recorder(model, extra_args, record=callback is not None)
+        # EDM's frame: alpha = 1, sigma = t, and a network that predicts x0 ("sample"); the net sees sigma in the
+        # latent's dtype, as k-diffusion's sigma * s_in with s_in = x.new_ones([batch]) gives it
+        self.model = Model(self.denoiser, EDM(sigma_max=self.grid[0]), "sample", time_dtype=time_dtype)
+        self.x, self.sigmas, self.callback = x, sigmas, callback
+        self.index = {t: i for i, t in enumerate(self.grid)}
+        self.progress = (not disable) if disable is not None else _is_terminal(sys.stderr)
+
+    def report(self, state: State) -> None:
+        first = self.denoiser.take()
+        if first is None:  # a state passed in: its first step was taken by the walk that made it
+            return
+        i = self.index[state.t_prev]  # the walk's callback state has the evaluated point as x_prev
+        s = self.sigmas[i]
+        self.callback({"x": first[0], "i": i, "sigma": s, "sigma_hat": s, "denoised": first[1]})
+
+    def run(self, walk: Callable[..., State], return_state: bool) -> torch.Tensor | State:
+        ts = torch.tensor(self.grid, dtype=torch.float64)
+        report = None if self.callback is None else self.report
+        with torch.no_grad():
+            out = walk(self.model, self.x, ts, self.solver, progress=self.progress, callback=report)
+        return out if return_state else out.x
+
+
+def _grid(sigmas: object) -> list[float]:
+    """k-diffusion's sigmas (any float dtype, any device) as bdia's float64 time grid, as python floats."""
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a 1-D torch.Tensor (largest first), got {type(sigmas).__name__}")
+    if not sigmas.is_floating_point():
+        raise TypeError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
+    if sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 entries, got shape {tuple(sigmas.shape)}")
+    grid = sigmas.detach().to(device="cpu", dtype=torch.float64).tolist()  # float32 -> float64 is exact
+    if not all(math.isfinite(s) and s >= 0 for s in grid):
+        raise ValueError(f"sigmas must be finite and non-negative, got {grid}")
+    if not all(a > b for a, b in itertools.pairwise(grid)):
+        raise ValueError(f"sigmas must be strictly decreasing (largest first), got {grid}")
+    return grid
+
+
+def _is_terminal(stream: Any) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class _Recorder:
+    """The user's denoiser as a bdia network ``net(x, sigma)``, keeping the first call's ``(x, denoised)``
+    since the last ``take()``: the step's own evaluation, which k-diffusion's callback reports (Heun's second
+    call, at the predictor, is not it)."""
+
+    def __init__(self, model: KarrasDenoiser, extra_args: Mapping[str, Any], record: bool):
+        self.model, self.extra_args, self.record = model, extra_args, record
+        self.first: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        denoised = self.model(x, sigma, **self.extra_args)
+        if self.record and self.first is None:
+            self.first = (x, denoised)
+        return denoised
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        first, self.first = self.first, None
+        return first
