@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bdia.models import Model
-from bdia.sampling import invert, sample
+from bdia.sampling import Step, invert, sample
 from bdia.schedules import EDM
 from bdia.solvers import BDIA, Euler, GammaFn, Integrator
 from bdia.state import State
@@ -74,19 +74,12 @@ def invert_bdia(
 
     ``x``: the ``bdia.State`` that ``sample_bdia(..., return_state=True)`` returned over the same sigmas (then
     the noise comes back to rounding, for gamma > 0), or data at ``sigmas[-1] > 0`` (a real image: its first
-    step is one plain integrator step, the only approximation). Data at sigma = 0 is refused: an x0-predicting
-    denoiser there gives ``eps = (x - x0) / sigma = 0 / 0``. Sample again from the inverted pair with
+    step is one plain integrator step, the only approximation; at sigma = 0 that step takes ``x0 = x`` and the noise
+    the denoiser predicts at ``sigmas[-2]``, see ``bdia.integrators``). Sample again from the inverted pair with
     ``return_state=True`` and ``sample_bdia(model, state, sigmas, ...)``; a bare latent drops the pair and with
     it exactness. The other arguments, and the callback dict (``i`` now counts down), as in ``sample_bdia``.
     """
-    walk = _Walk(model, x, sigmas, extra_args, callback, disable, gamma, integrator)
-    if isinstance(x, torch.Tensor) and walk.grid[-1] == 0:
-        raise ValueError(
-            "x is a bare latent at sigmas[-1] = 0, where an x0-predicting denoiser gives no noise estimate "
-            "(eps = (x - x0) / sigma = 0/0): pass the bdia.State from sample_bdia(..., return_state=True) over "
-            "the same sigmas, or data at a last sigma > 0 (e.g. sigmas without the trailing 0)"
-        )
-    return walk.run(invert, return_state)
+    return _Walk(model, x, sigmas, extra_args, callback, disable, gamma, integrator).run(invert, return_state)
 
 
 class _Walk:
@@ -112,7 +105,7 @@ class _Walk:
         self.solver = BDIA(Euler() if integrator is None else integrator, gamma)
         latent = x.x if isinstance(x, State) else x
         time_dtype = latent.dtype if isinstance(latent, torch.Tensor) else None  # otherwise the walk names the error
-        self.denoiser = _Recorder(model, extra_args, record=callback is not None)
+        self.denoiser = _Net(model, extra_args)
         # EDM's frame: alpha = 1, sigma = t, and a network that predicts x0 ("sample"); the net sees sigma in the
         # latent's dtype, as k-diffusion's sigma * s_in with s_in = x.new_ones([batch]) gives it
         self.model = Model(self.denoiser, EDM(sigma_max=self.grid[0]), "sample", time_dtype=time_dtype)
@@ -120,13 +113,10 @@ class _Walk:
         self.index = {t: i for i, t in enumerate(self.grid)}
         self.progress = (not disable) if disable is not None else _is_terminal(sys.stderr)
 
-    def report(self, state: State) -> None:
-        first = self.denoiser.take()
-        if first is None:  # a state passed in: its first step was taken by the walk that made it
-            return
-        i = self.index[state.t_prev]  # the walk's callback state has the evaluated point as x_prev
+    def report(self, step: Step) -> None:
+        i = self.index[step.t]  # the step's start, where its first evaluation was
         s = self.sigmas[i]
-        self.callback({"x": first[0], "i": i, "sigma": s, "sigma_hat": s, "denoised": first[1]})
+        self.callback({"x": step.x, "i": i, "sigma": s, "sigma_hat": s, "denoised": step.x0})
 
     def run(self, walk: Callable[..., State], return_state: bool) -> torch.Tensor | State:
         ts = torch.tensor(self.grid, dtype=torch.float64)
@@ -157,21 +147,11 @@ def _is_terminal(stream: Any) -> bool:
     return bool(isatty and isatty())
 
 
-class _Recorder:
-    """The user's denoiser as a bdia network ``net(x, sigma)``, keeping the first call's ``(x, denoised)``
-    since the last ``take()``: the step's own evaluation, which k-diffusion's callback reports (Heun's second
-    call, at the predictor, is not it)."""
+class _Net:
+    """The user's denoiser as a bdia network ``net(x, sigma)``, with its ``extra_args``."""
 
-    def __init__(self, model: KarrasDenoiser, extra_args: Mapping[str, Any], record: bool):
-        self.model, self.extra_args, self.record = model, extra_args, record
-        self.first: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, model: KarrasDenoiser, extra_args: Mapping[str, Any]):
+        self.model, self.extra_args = model, extra_args
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        denoised = self.model(x, sigma, **self.extra_args)
-        if self.record and self.first is None:
-            self.first = (x, denoised)
-        return denoised
-
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        first, self.first = self.first, None
-        return first
+        return self.model(x, sigma, **self.extra_args)
