@@ -20,7 +20,7 @@ REGISTRY: dict[str, str] = {
     "accuracy": "benchmarks.accuracy",  # error vs NFE against a DOP853 reference; gamma x NFE heat map
     "inversion": "benchmarks.inversion",  # round trips vs N, gamma, dtype; inverted latents vs the true ones
     "speed": "benchmarks.speed",  # per-step overhead vs diffusers and a torch.add floor; end to end; memory
-    "gradients": "benchmarks.gradients",  # gradient through sampling: peak memory and time vs N (issue 4)
+    "gradients": "benchmarks.gradients",  # gradient through sampling: peak memory and time vs N
     "quality": "benchmarks.quality",  # trained digits model: class accuracy and digits-FD vs NFE, with/without CFG
 }
 

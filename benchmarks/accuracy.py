@@ -1,6 +1,6 @@
-"""Accuracy vs NFE: every solver against a tight DOP853 solution of the probability-flow ODE (issue 3, item 1).
+"""Accuracy vs NFE: every solver against a tight DOP853 solution of the probability-flow ODE.
 
-Problems: analytic Gaussian mixtures (``bdia.models.GaussianMixture``; NOTES section 7), one low- and one
+Problems: analytic Gaussian mixtures (``bdia.models.GaussianMixture``; docs/theory.md), one low- and one
 high-dimensional, whose exact denoiser makes the error purely the solver's. Grids: Stable Diffusion's
 discrete schedule with diffusers' ``leading`` spacing (offset 1, ending at abar[0]) and the continuous VP
 schedule on a uniform grid (a smooth grid). The error is the relative L2 distance, over the whole batch,

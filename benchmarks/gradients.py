@@ -1,4 +1,4 @@
-"""Gradients through sampling: peak memory and time versus the number of steps N (issue 4, part 2).
+"""Gradients through sampling: peak memory and time versus the number of steps N.
 
 A loss on the final sample of a small convolutional epsilon-network (Stable Diffusion's discrete schedule,
 trailing grid), differentiated with respect to the starting noise and the network's parameters by:

@@ -1,4 +1,4 @@
-"""Inversion: round-trip errors vs N, gamma and dtype; inverted latents vs the true ones (issue 3, item 2).
+"""Inversion: round-trip errors vs N, gamma and dtype; inverted latents vs the true ones.
 
 Problem: an analytic 64-d Gaussian mixture under Stable Diffusion's schedule, leading grid (offset 1, ending
 at abar[0]). The true latent of each data point is known: the data are made by solving the probability-flow

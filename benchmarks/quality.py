@@ -1,4 +1,4 @@
-"""Sample quality on a trained network: the shipped digits model, judged by the shipped classifier (issue 5, item 3).
+"""Sample quality on a trained network: the shipped digits model, judged by the shipped classifier.
 
 Every solver samples class-conditional 8x8 digits from the same noise at NFE 5, 10, 20 and 50 (the number of
 steps is the largest whose NFE fits the budget: Heun and EDICT take 2 evaluations per step), with the plain

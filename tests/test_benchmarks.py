@@ -1,4 +1,4 @@
-"""Each benchmark of issue 3 runs in quick mode into a temporary directory, writes its JSON and plots, and
+"""Each benchmark runs in quick mode into a temporary directory, writes its JSON and plots, and
 reports what its physics says it must (no timing assertions: the numbers are the benchmarks' business)."""
 
 from __future__ import annotations

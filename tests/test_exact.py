@@ -1,4 +1,4 @@
-"""The exact fixed-point mode (issue 4, part 1): bit-exact step/unstep, round trips, side information, errors."""
+"""The exact fixed-point mode: bit-exact step/unstep, round trips, side information, errors."""
 
 from __future__ import annotations
 

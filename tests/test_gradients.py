@@ -1,4 +1,4 @@
-"""Gradients through sampling at constant memory (issue 4, part 2): equal to plain autograd, gradcheck, errors."""
+"""Gradients through sampling at constant memory: equal to plain autograd, gradcheck, errors."""
 
 from __future__ import annotations
 

@@ -307,7 +307,7 @@ def test_bdia_ddim_step_closed_form(gamma):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Euler and DDIM: the same method where alpha' = 0 or alpha + sigma = 1 (NOTES section 1), not on VP
+# Euler and DDIM: the same method where alpha' = 0 or alpha + sigma = 1, not on VP
 
 
 @pytest.mark.parametrize("kind", ["edm", "flow", "vp"])

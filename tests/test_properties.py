@@ -3,7 +3,7 @@ integrators.
 
 Tolerance (one formula for every case): a rounding error of relative size eps made at each of the N steps on
 states of magnitude up to M (the largest state norm on the walk) is carried to the end without growth when the
-two-step recurrence is stable, and multiplied by 1/gamma_i at each inverse step otherwise (NOTES section 4). So
+two-step recurrence is stable, and multiplied by 1/gamma_i at each inverse step otherwise. So
 
     |round trip - start| <= C * eps(dtype) * N * M * prod_i max(1, 1/gamma_i),   C = 4.
 
