@@ -330,7 +330,7 @@ class _Payload:
 
 def test_a_malicious_pickle_in_place_of_shipped_weights_is_refused(tmp_path):
     with open(tmp_path / digits.DENOISER_FILE, "wb") as f:
-        pickle.dump({"config": _Payload()}, f)
+        pickle.dump({"config": _Payload()}, f, protocol=2)
     with pytest.raises(pickle.UnpicklingError):
         digits.model(data_dir=tmp_path)
     assert not _Payload.ran
