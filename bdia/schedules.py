@@ -161,6 +161,13 @@ class DiscreteVP(Schedule):
             abar = ((s - sT) * (s0 / (s0 - sT))) ** 2
         return cls(abar)
 
+    @classmethod
+    def stable_diffusion(cls, num_train_timesteps: int = 1000) -> DiscreteVP:
+        """Stable Diffusion's schedule (1.x, 2.x, XL): ``scaled_linear`` betas from 0.00085 to 0.012."""
+        return cls.from_betas(
+            "scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=num_train_timesteps
+        )
+
     def _at(self, t: float) -> Coefficients:
         # knots at j = 0..T hold times j - 1; locate the cubic piece containing t
         u = t + 1.0

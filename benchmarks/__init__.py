@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from bdia.report import fmt, format_table
+
 __all__ = [
     "IMG",
     "RESULTS",
@@ -96,27 +98,9 @@ def save(results_dir: Path, name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def fmt(v: Any) -> str:
-    if isinstance(v, float):
-        if v == 0 or not math.isfinite(v):
-            return str(v)
-        return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
-    return str(v)
-
-
 def print_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
-    """Print rows (dicts with the same keys) as a markdown table; returns the text."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    cells = [[fmt(r.get(k, "")) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = [
-        "| " + " | ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)) + " |",
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-        *("| " + " | ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)) + " |" for c in cells),
-    ]
-    text = (f"\n{title}\n" if title else "\n") + "\n".join(lines)
+    """Print rows (dicts with the same keys) as a markdown table (``bdia.report.format_table``); returns the text."""
+    text = "\n" + format_table(rows, title)
     print(text, flush=True)
     return text
 

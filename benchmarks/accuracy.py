@@ -28,6 +28,7 @@ import torch
 
 import bdia
 from bdia.models import CountNFE, GaussianMixture
+from bdia.report import relative_error
 from bdia.schedules import VP, DiscreteVP, Schedule
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM, Euler, Heun
 from benchmarks import heatmap, loglog_slope, outputs, print_table, pyplot, save, threads
@@ -57,7 +58,7 @@ def methods() -> dict[str, Callable[[], Any]]:
     }
 
 
-SD = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+SD = DiscreteVP.stable_diffusion()
 
 # name -> (schedule, grid(n), the noisiest time any grid starts from)
 SETTINGS: dict[str, tuple[Schedule, Callable[[int], torch.Tensor], float]] = {
@@ -120,10 +121,6 @@ def solve_reference(
     return {t: sch.alpha_sigma(t)[0] * at_sbar[sch.snr_sbar(t)] for t in times}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def _case(problem: str, setting: str, ns: list[int], tol: float, seed: int = 0):
     dim, K, std, batch = PROBLEMS[problem]
     schedule, grid_of, t_top = SETTINGS[setting]
@@ -147,7 +144,7 @@ def _curves(problem: str, setting: str, ns: list[int], tol: float) -> tuple[list
         for n, grid in grids.items():
             model.calls = 0
             out = bdia.sample(model, ref[float(grid[0])], grid, make())
-            err = _rel(out.x, ref[float(grid[-1])])
+            err = relative_error(out.x, ref[float(grid[-1])])
             rows.append(
                 {"problem": problem, "grid": setting, "method": name, "steps": n, "NFE": model.calls, "error": err}
             )
@@ -155,7 +152,7 @@ def _curves(problem: str, setting: str, ns: list[int], tol: float) -> tuple[list
     if len(ref) > 1:  # how far the reference itself is from a looser one: the floor of what we can measure
         x_top = ref[max(ref)]
         loose = solve_reference(gmm, x_top, max(ref), [min(ref)], tol * 100)
-        check = {"reference_vs_100x_looser": _rel(loose[min(ref)], ref[min(ref)])}
+        check = {"reference_vs_100x_looser": relative_error(loose[min(ref)], ref[min(ref)])}
     return rows, check
 
 
@@ -186,7 +183,9 @@ def _heatmap(problem: str, gammas: list[float], ns: list[int], tol: float) -> di
     gmm, grids, ref = _case(problem, "SD leading", ns, tol)
     err = [
         [
-            _rel(bdia.sample(gmm, ref[float(grids[n][0])], grids[n], BDIA(DDIM(), gm)).x, ref[float(grids[n][-1])])
+            relative_error(
+                bdia.sample(gmm, ref[float(grids[n][0])], grids[n], BDIA(DDIM(), gm)).x, ref[float(grids[n][-1])]
+            )
             for n in ns
         ]
         for gm in gammas
@@ -266,7 +265,9 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
             gmm, grids, ref = _case(problem, "VP uniform", [10], tol)
             grid = grids[10][[0, -1]]
             other = solve(gmm, ref[float(grid[0])], grid, rtol=tol * 10, atol=tol * 10)
-            checks[f"{problem}, VP uniform"]["bdia.reference.solve_vs_this"] = _rel(other, ref[float(grid[-1])])
+            checks[f"{problem}, VP uniform"]["bdia.reference.solve_vs_this"] = relative_error(
+                other, ref[float(grid[-1])]
+            )
     print(f"reference self-checks: {checks}")
     img_dir = Path(img_dir)
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -145,7 +145,7 @@ def one(name: str, n: int, size: int, batch: int, device_name: str, repeats: int
     torch.manual_seed(0)
     method = _methods()[name]
     net = ConvNet().to(device).requires_grad_(not method.frozen)
-    schedule = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    schedule = DiscreteVP.stable_diffusion()
     model = Model(net, schedule)
     ts = schedule.timesteps(n, "trailing")
     noise = torch.randn(batch, 4, size, size, device=device)

@@ -26,6 +26,7 @@ import torch
 
 import bdia
 from bdia.models import GaussianMixture
+from bdia.report import relative_error
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM
 from benchmarks import heatmap, outputs, print_table, pyplot, save, threads
 from benchmarks.accuracy import SD, solve_reference
@@ -47,11 +48,6 @@ def methods() -> dict[str, Callable[[], Any]]:
         "O-BELM": OBELM,
         "EDICT p=0.93": EDICT,
     }
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    e = float((a.double() - b.double()).norm() / b.double().norm())
-    return e if math.isfinite(e) else math.inf
 
 
 def _std(x: torch.Tensor) -> float:
@@ -76,9 +72,9 @@ def _walks(gmm, grid, solver, latent: torch.Tensor, data: torch.Tensor) -> dict[
     inv = bdia.invert(gmm, data, grid, solver, **kw)
     rec = bdia.sample(gmm, inv, grid, solver, **kw)
     return {
-        "noise->sample->invert": _rel(back.x, latent),
-        "data->invert->sample": _rel(rec.x, data),
-        "inverted latent vs true": _rel(inv.x, latent),
+        "noise->sample->invert": relative_error(back.x, latent),
+        "data->invert->sample": relative_error(rec.x, data),
+        "inverted latent vs true": relative_error(inv.x, latent),
         "inverted latent std": _std(inv.x),
     }
 
@@ -208,7 +204,7 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
                 latent = ref[float(grids[n][0])].to(DTYPES[dt])
                 out = bdia.sample(gmm, latent, grids[n], solver, check_finite=False)
                 back = bdia.invert(gmm, out, grids[n], solver, check_finite=False, max_amplification=math.inf)
-                line.append(_rel(back.x, latent))
+                line.append(relative_error(back.x, latent))
             err.append(line)
         maps[dt] = {"gammas": gammas, "N": ns, "error": err}
     img_dir.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from benchmarks import interleaved, outputs, print_table, pyplot, save, threads
 
 __all__ = ["TinyConvNet", "run"]
 
-SD = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+SD = DiscreteVP.stable_diffusion()
 
 
 class _Fixed:

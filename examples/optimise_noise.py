@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "gradients_optimise_noise.png")
     a = p.parse_args(argv)
 
-    schedule = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    schedule = DiscreteVP.stable_diffusion()
     ts = schedule.timesteps(a.steps, "leading", steps_offset=1)
     gmm = GaussianMixture.random(schedule, dim=2, components=8, std=0.15, seed=3)
     target = gmm.means[0].float()  # steer every sample into mode 0

@@ -10,6 +10,7 @@ import torch
 from hypothesis import settings
 
 from bdia.models import GaussianMixture, Model
+from bdia.report import relative_error
 from bdia.schedules import EDM, VP, DiscreteVP, Flow, Schedule
 
 # CI runs the same examples every time (a red build must mean a change broke something, not a new draw);
@@ -29,7 +30,7 @@ def _one_thread():
 
 
 SCHEDULES = {
-    "sd": lambda: DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012),
+    "sd": lambda: DiscreteVP.stable_diffusion(),
     "cosine": lambda: DiscreteVP.from_betas("squaredcos_cap_v2"),
     "linear": lambda: DiscreteVP.from_betas("linear", beta_start=1e-4, beta_end=0.02),
     "zsnr": lambda: DiscreteVP.from_betas("scaled_linear", rescale_zero_terminal_snr=True),
@@ -99,5 +100,4 @@ def model_for(kind: str, prediction: str | None, dim: int = 8, seed: int = 1):
     return Model(gmm_net(gmm, prediction), gmm.schedule, prediction, time_dtype=torch.float64)
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+rel_err = relative_error

@@ -94,7 +94,7 @@ def test_reference_is_converged(problem):
 
 def test_reference_on_a_discrete_schedule_restarts_at_knots():
     """DiscreteVP's interpolation is C1 piecewise cubic: restarting at the integer knots keeps it accurate."""
-    s = DiscreteVP.from_betas("scaled_linear")
+    s = DiscreteVP.stable_diffusion()
     gauss = GaussianMixture(s, torch.tensor([[1.0, -0.5]], dtype=torch.float64), 0.5)
     z = torch.randn(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     ts = torch.tensor([40.0, 25.5, 3.0, 0.0], dtype=torch.float64)

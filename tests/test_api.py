@@ -16,7 +16,7 @@ from tests.conftest import SCHEDULES, gmm_net, grid, model_for, prior_noise, rel
 
 
 def test_issue_example_runs_as_written():
-    schedule_ = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    schedule_ = DiscreteVP.stable_diffusion()
     ts = schedule_.timesteps(50, spacing="leading", steps_offset=1)
     assert ts.dtype == torch.float64 and len(ts) == 51 and ts[0] == 981 and ts[-2] == 1 and ts[-1] == 0
     gmm = GaussianMixture.random(schedule_, dim=16)

@@ -311,7 +311,7 @@ def test_a_solver_does_not_keep_schedules_alive():
     solver = BDIA()
     refs = []
     for seed in range(5):
-        s = DiscreteVP.from_betas("scaled_linear")
+        s = DiscreteVP.stable_diffusion()
         gmm = GaussianMixture.random(s, dim=4, components=2, seed=seed)
         bdia.sample(gmm, _noise((2, 4)), s.timesteps(10, "leading", steps_offset=1), solver)
         refs.append(weakref.ref(s))

@@ -11,11 +11,12 @@ import torch
 
 import bdia
 from bdia.models import CountNFE, GaussianMixture
+from bdia.report import relative_error as rel_err
 from bdia.schedules import EDM, DiscreteVP
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM, Euler, Heun, obelm_gamma
 from bdia.state import State
 
-SD = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+SD = DiscreteVP.stable_diffusion()
 
 
 def _mixture(schedule=SD, dim: int = 8) -> GaussianMixture:
@@ -24,10 +25,6 @@ def _mixture(schedule=SD, dim: int = 8) -> GaussianMixture:
 
 def _noise(n: int, dim: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(dtype)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 # ----------------------------------------------------------------------------------------------- EDICT
@@ -100,11 +97,11 @@ def test_edict_round_trips_are_exact_to_rounding(integrator, dtype):
     assert out.x.dtype == dtype
     back = bdia.invert(model, out, grid, solver)
     assert (back.t_prev, back.t) == (grid[0].item(), grid[0].item())
-    assert _rel(back.x, z) < tol and _rel(back.x_prev, z) < tol
+    assert rel_err(back.x, z) < tol and rel_err(back.x_prev, z) < tol
     # data -> invert -> sample: exact as well (EDICT starts both copies on the data: no approximation)
     data = model.sample(16, torch.Generator().manual_seed(5)).to(dtype)
     inv = bdia.invert(model, data, grid, solver)
-    assert _rel(bdia.sample(model, inv, grid, solver).x, data) < tol
+    assert rel_err(bdia.sample(model, inv, grid, solver).x, data) < tol
 
 
 def test_edict_costs_two_evaluations_per_step_both_ways():
@@ -127,7 +124,7 @@ def test_edict_keeps_inputs_and_passes_model_kwargs():
     uncond = bdia.sample(model, z, grid, EDICT())
     assert not torch.allclose(cond.x, uncond.x)
     back = bdia.invert(model, cond, grid, EDICT(), labels=labels)
-    assert _rel(back.x, z) < 1e-12
+    assert rel_err(back.x, z) < 1e-12
 
 
 def test_edict_init_takes_no_step():
@@ -200,7 +197,7 @@ def test_obelm_trajectory_equals_the_published_recursion():
     for i in range(1, len(ts) - 1):
         prev, cur = cur, _obelm_paper_update(SD, prev, cur, model(cur, ts[i]).eps, ts[i - 1], ts[i], ts[i + 1])
     out = bdia.sample(model, z, grid, OBELM())
-    assert _rel(out.x, cur) < 1e-12 and _rel(out.x_prev, prev) < 1e-12
+    assert rel_err(out.x, cur) < 1e-12 and rel_err(out.x_prev, prev) < 1e-12
     # and it is BDIA-DDIM with obelm_gamma
     torch.testing.assert_close(bdia.sample(model, z, grid, BDIA(DDIM(), obelm_gamma)).x, out.x, rtol=0, atol=0)
 
@@ -215,4 +212,4 @@ def test_obelm_inverts_exactly_in_float64_and_costs_one_evaluation_per_step():
     out = bdia.sample(model, z, grid, OBELM())
     assert model.calls == N
     back = bdia.invert(model, out, grid, OBELM())
-    assert _rel(back.x, z) < 10 * N * torch.finfo(torch.float64).eps * growth
+    assert rel_err(back.x, z) < 10 * N * torch.finfo(torch.float64).eps * growth

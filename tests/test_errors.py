@@ -14,7 +14,7 @@ from bdia.solvers import BDIA, DDIM, Euler, Heun
 from bdia.state import State
 from tests.conftest import model_for, schedule
 
-SD_TS = DiscreteVP.from_betas("scaled_linear").timesteps(10, "leading", steps_offset=1)
+SD_TS = DiscreteVP.stable_diffusion().timesteps(10, "leading", steps_offset=1)
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_mismatched_states(gmm, state, match):
 
 def test_a_state_from_another_grid_is_refused(gmm):
     out = bdia.sample(gmm, torch.zeros(2, 8), SD_TS, BDIA())
-    other = DiscreteVP.from_betas("scaled_linear").timesteps(20, "leading", steps_offset=1)
+    other = DiscreteVP.stable_diffusion().timesteps(20, "leading", steps_offset=1)
     with pytest.raises(ValueError, match="do not continue this grid"):
         bdia.invert(gmm, out, other[:-2], BDIA())
     with pytest.raises(ValueError, match="do not continue this grid"):

@@ -70,7 +70,7 @@ def test_per_sample_coefficients_are_applied_per_sample():
 def test_precomputed_bdia_step_equals_the_term_by_term_update():
     """BDIA over an affine integrator folds its update into three numbers per grid point; the result is the
     paper's update written term by term, to rounding, for gamma = 1 (two passes) and gamma != 1 (three)."""
-    sd = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sd = DiscreteVP.stable_diffusion()
     gm = GaussianMixture.random(sd, dim=6, components=3, seed=1)
     g = torch.Generator().manual_seed(3)
     x, x_prev = (torch.randn(5, 6, generator=g, dtype=torch.float64) for _ in range(2))

@@ -15,7 +15,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def _stand_ins() -> dict:
     g = torch.Generator().manual_seed(0)
-    sd = GaussianMixture.random(DiscreteVP.from_betas("scaled_linear"), dim=8, components=3, std=0.5)
+    sd = GaussianMixture.random(DiscreteVP.stable_diffusion(), dim=8, components=3, std=0.5)
     edm = GaussianMixture.random(EDM(), dim=8, components=3, std=0.5)
     flow = GaussianMixture.random(Flow(), dim=8, components=3, std=0.5)
 

@@ -25,6 +25,7 @@ import torch
 
 from bdia import digits
 from bdia.models import CountNFE, GaussianMixture
+from bdia.report import format_table, relative_error
 from bdia.sampling import invert, sample
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM, EDICT
@@ -39,15 +40,12 @@ def gmm_methods():
 
 
 def run_gmm(steps: int, batch: int, dim: int, dtype: torch.dtype, seed: int) -> list[dict]:
-    schedule = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    schedule = DiscreteVP.stable_diffusion()
     ts = schedule.timesteps(steps, "leading", steps_offset=1)
     model = CountNFE(GaussianMixture.random(schedule, dim=dim, components=8, std=0.2, seed=seed))
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch, dim, generator=g, dtype=torch.float64).to(dtype)
     data = model.model.sample(batch, generator=g).to(dtype)
-
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.double() - b.double()).norm() / b.double().norm())
 
     rows = []
     for name, solver in gmm_methods().items():
@@ -64,8 +62,8 @@ def run_gmm(steps: int, batch: int, dim: int, dtype: torch.dtype, seed: int) -> 
             {
                 "method": name,
                 "NFE": nfe,
-                "noise->sample->invert": rel(back.x, noise),
-                "data->invert->sample": rel(rec.x, data),
+                "noise->sample->invert": relative_error(back.x, noise),
+                "data->invert->sample": relative_error(rec.x, data),
                 "inversion refused by default": "yes"
                 if solver.amplification(schedule, ts.tolist(), False) > 1 / torch.finfo(dtype).eps
                 else "no",
@@ -76,12 +74,7 @@ def run_gmm(steps: int, batch: int, dim: int, dtype: torch.dtype, seed: int) -> 
 
 
 def print_table(rows: list[dict]) -> None:
-    keys = list(rows[0])
-    cells = [[r[k] if isinstance(r[k], str | int) else f"{r[k]:.2e}" for k in keys] for r in rows]
-    widths = [max(len(k), *(len(str(c[i])) for c in cells)) for i, k in enumerate(keys)]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
-    for c in cells:
-        print("  ".join(str(v).ljust(w) for v, w in zip(c, widths, strict=True)))
+    print(format_table(rows))
 
 
 def digits_methods() -> dict:

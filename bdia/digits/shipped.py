@@ -89,9 +89,7 @@ def schedule(num_train_timesteps: int = 1000) -> DiscreteVP:
 
     One object per ``num_train_timesteps`` (schedules never change), so that models rebuilt per request share it
     and its memo of coefficients."""
-    return DiscreteVP.from_betas(
-        "scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=num_train_timesteps
-    )
+    return DiscreteVP.stable_diffusion(num_train_timesteps)
 
 
 def net(
