@@ -113,6 +113,7 @@ class Fixed:
     stack: tuple[Spill, ...]
     bound: Fraction
     frac_bits: int
+    peak: torch.Tensor | None = None  # the largest |X| any step asked for (float64, 0-d, on the device)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -189,6 +190,7 @@ class ExactState(State):
                 "buffer": f.buffer,
                 "bound": [f.bound.numerator, f.bound.denominator],
                 "frac_bits": f.frac_bits,
+                "peak": f.peak,
                 "stack": [
                     {
                         "low": sp.low,
@@ -210,8 +212,15 @@ class ExactState(State):
                 Spill(sp["low"], tuple(float(w) for w in sp["when"]), Fraction(*sp["after"]), Fraction(*sp["before"]))
                 for sp in fd["stack"]
             )
-            fixed = Fixed(fd["X_prev"], fd["X"], fd["buffer"], stack, Fraction(*fd["bound"]), int(fd["frac_bits"]))
+            fixed = Fixed(
+                fd["X_prev"], fd["X"], fd["buffer"], stack, Fraction(*fd["bound"]), int(fd["frac_bits"]), fd.get("peak")
+            )
         return ExactState(base.x_prev, base.x, base.t_prev, base.t, base.coupled, fixed)
+
+
+def _peak(before: torch.Tensor | None, need: torch.Tensor) -> torch.Tensor:
+    # fmax: a NaN that follows an overflow (the model evaluated on NaN) must not erase the size that overflowed
+    return need if before is None else torch.fmax(before, need)
 
 
 def _rows(rows: Any) -> Any:
@@ -310,14 +319,24 @@ class Exact:
         """Integer arithmetic: a walk and its inverse meet to the bit, nothing is amplified."""
         return 1.0
 
-    @property
-    def nonfinite_hint(self) -> str:
-        k = self.frac_bits
-        bits = f"frac_bits = {k}" if k is not None else "frac_bits = the dtype's mantissa bits + 7, 30 for float32"
+    def describe_nonfinite(self, state: State) -> str:
+        """What went wrong when a walk produced NaN: the fixed-point range left (by how much, and what to pass
+        instead), or a non-finite model output."""
+        f = state.fixed if isinstance(state, ExactState) else None
+        if f is None or f.peak is None:
+            return "check the model output and the grid's end points"
+        k = f.frac_bits
+        limit, peak = 2.0 ** (61 - k), float(f.peak) * 2.0**-k  # (one host sync, after the walk)
+        if not math.isfinite(peak):
+            return "the model (or the float surrogate step) produced NaN or inf: check the model output"
+        if peak < limit:
+            return "the fixed-point range was not left; check the model output and the grid's end points"
+        short = math.ceil(math.log2(peak / limit)) + 1
         return (
-            "in the exact mode NaN marks a latent that left the fixed-point range |x| < 2^(61 - frac_bits) "
-            f"({bits}): pass a smaller frac_bits (each bit less doubles the range and halves the resolution), or "
-            "check the model output and the grid's end points"
+            f"the exact mode's fixed-point range |x| < 2^(61 - frac_bits) = {limit:.3g} (frac_bits = {k}) was left: "
+            f"the walk asked for |x| up to {peak:.3g}, {peak / limit:.3g} times the range; pass frac_bits={k - short} "
+            "or less (each bit less doubles the range and halves the resolution 2^-frac_bits), or check the model "
+            "output"
         )
 
     # -- integer helpers --------------------------------------------------------------------------------
@@ -355,8 +374,9 @@ class Exact:
         X0, ok0 = quantise(x, k)
         x0 = dequantise(X0, k, x.dtype, ok0)
         with _deterministic(self.deterministic):
-            X1, ok1 = quantise(self.solver.integrator(model, x0, t, t_next, **kw), k)
-        fixed = Fixed(X0, X1, torch.zeros_like(X0), (), Fraction(1), k)
+            x1 = self.solver.integrator(model, x0, t, t_next, **kw)
+        X1, ok1 = quantise(x1, k)
+        fixed = Fixed(X0, X1, torch.zeros_like(X0), (), Fraction(1), k, x1.abs().amax().double() * 2.0**k)
         return ExactState(x0, dequantise(X1, k, x.dtype, ok0 & ok1), t, t_next, fixed=fixed)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> ExactState:
@@ -364,11 +384,14 @@ class Exact:
         f, x, t, t_prev = s.fixed, s.x, s.t, s.t_prev
         p, q = self._fraction_at(model.schedule, t_prev, t, t_next)
         with _deterministic(self.deterministic):
-            F, okF = quantise(self.surrogate.drift(model, x, t_prev, t, t_next, **kw).tensor(), f.frac_bits)
+            drift = self.surrogate.drift(model, x, t_prev, t, t_next, **kw).tensor()
+        F, okF = quantise(drift, f.frac_bits)
         Y, buffer, stack, bound = _multiply(f.X_prev, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
         ok = okF & (Y.abs() < _STATE_ROOM)
         X_next = Y + F
-        fixed = Fixed(f.X, X_next, buffer, stack, bound, f.frac_bits)
+        # how large a state this step asked for (|gamma X_prev| + |F|), for the error message if it overflowed
+        need = drift.abs().amax().double() * 2.0**f.frac_bits + Y.abs().amax().double()
+        fixed = Fixed(f.X, X_next, buffer, stack, bound, f.frac_bits, _peak(f.peak, need))
         return ExactState(x, dequantise(X_next, f.frac_bits, x.dtype, ok), t, t_next, fixed=fixed)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> ExactState:
@@ -382,10 +405,12 @@ class Exact:
                 "selects samples of a batch exactly)"
             )
         with _deterministic(self.deterministic):
-            F, okF = quantise(self.surrogate.drift(model, x, t_prev, t, t_next, **kw).tensor(), f.frac_bits)
+            drift = self.surrogate.drift(model, x, t_prev, t, t_next, **kw).tensor()
+        F, okF = quantise(drift, f.frac_bits)
         Y = f.X - F
         X_prev, buffer, stack, bound, okY = _divide(Y, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
-        fixed = Fixed(X_prev, f.X_prev, buffer, stack, bound, f.frac_bits)
+        need = (drift.abs().amax().double() * 2.0**f.frac_bits + f.X.abs().amax().double()) * (q / p)
+        fixed = Fixed(X_prev, f.X_prev, buffer, stack, bound, f.frac_bits, _peak(f.peak, need))
         ok = okF & okY & (X_prev.abs() < _STATE_ROOM)
         return ExactState(dequantise(X_prev, f.frac_bits, x.dtype, ok), x, t_prev, t, fixed=fixed)
 

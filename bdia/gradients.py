@@ -168,7 +168,7 @@ class _Reversible(torch.autograd.Function):
             check.record(k + i, state, True)
             if walk.every is not None and i % walk.every == 0:
                 walk.anchors[i] = state
-        check.raise_if_bad()
+        check.raise_if_bad(state)
         walk.final, walk.n_steps = state, len(grid) - 1 - k
         ctx.walk = walk
         outs = [state.x_prev, state.x]

@@ -202,7 +202,7 @@ def _walk(model, x, ts, solver, forward, strength, grad, progress, callback, che
                 if callback is not None:
                     stop = callback(Step(j, grid[j - 1], grid[j], _facing(state, forward), *recorder.first)) is True
         if check is not None:
-            check.raise_if_bad()
+            check.raise_if_bad(state)
         return _facing(state, forward)
 
 
@@ -228,11 +228,13 @@ class FiniteCheck:
             total = total + state.x_prev.sum(dtype=torch.float64)
         self.sums[j] = total  # a device-side copy
 
-    def raise_if_bad(self) -> None:
+    def raise_if_bad(self, state: State) -> None:
+        """Raise if a recorded step was not finite; ``state``: the walk's last, for the solver's diagnosis."""
         bad = ~torch.isfinite(self.sums)
         if bool(bad.any()):  # the one host sync of the walk
             j, g = int(bad.nonzero()[0, 0]), self.grid
-            hint = getattr(self.solver, "nonfinite_hint", None) or _HINT
+            describe = getattr(self.solver, "describe_nonfinite", None)
+            hint = describe(state) if describe is not None else _HINT
             raise FloatingPointError(
                 f"non-finite values (NaN or inf) produced in step {j} of {len(g) - 1} "
                 f"(t = {g[j - 1]} -> {g[j]}): {hint}"

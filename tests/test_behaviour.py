@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import math
 import pickle
+import re
 import weakref
 
 import pytest
@@ -277,10 +278,17 @@ def test_non_finite_input_and_wrong_objects_are_refused_before_any_model_call():
         BDIA(Heun)
 
 
-def test_exact_overflow_says_the_range_was_left():
-    big = Model(lambda x, t: 1e12 * torch.ones_like(x), SD, "epsilon")
-    with pytest.raises(FloatingPointError, match="fixed-point range"):
-        bdia.sample(big, _noise(dtype=torch.float32), TS, Exact(BDIA()))
+def test_exact_overflow_says_the_range_was_left_by_how_much():
+    # an x0 model whose answer (1e10) lies beyond float32's default fixed-point range, 2^31: the first step asks for
+    # (1 - 24.4 / 80) 1e10 = 7e9, 3.2 times the range
+    big = Model(lambda x, t: 1e10 * torch.ones_like(x), EDM(), "sample")
+    ts, x = EDM().timesteps(6), 80 * _noise(dtype=torch.float32)
+    with pytest.raises(
+        FloatingPointError, match=r"range .* was left: the walk asked for .*, 3.2. times the range"
+    ) as e:
+        bdia.sample(big, x, ts, Exact(BDIA()))
+    k = int(re.search(r"frac_bits=(\d+) or less", str(e.value)).group(1))
+    assert k < 30 and bool(torch.isfinite(bdia.sample(big, x, ts, Exact(BDIA(), frac_bits=k)).x).all())
 
 
 @pytest.mark.parametrize(
