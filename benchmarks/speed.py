@@ -163,6 +163,58 @@ def per_step(repeats: int, inner: int, shape: tuple[int, ...] = (4, 4, 64, 64)) 
     }
 
 
+def default_path(repeats: int, shape: tuple[int, ...], steps: int = 20) -> dict:
+    """What users call, flags untouched: ``bdia.sample(model, x, ts, BDIA(DDIM()))`` with a free model (a network
+    that returns a stored tensor), per step, against diffusers' ``DDIMScheduler.step`` looped over the same grid and
+    ``torch.add`` (the floor), interleaved in one run."""
+    from diffusers import DDIMScheduler
+
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    model = Model(lambda z, t: out, SD, "epsilon")
+    grid = SD.timesteps(steps, "leading", steps_offset=1)
+    sched = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )  # fmt: skip
+    sched.set_timesteps(steps)
+    solver = BDIA(DDIM())
+
+    def diffusers_loop() -> None:
+        z = x
+        for t in sched.timesteps:
+            z = sched.step(out, t, z, return_dict=False)[0]
+
+    fns = {
+        "torch.add (floor)": lambda: [torch.add(x, out) for _ in range(steps)],
+        "diffusers DDIMScheduler.step": diffusers_loop,
+        "bdia.sample, BDIA(DDIM()), default flags": lambda: bdia.sample(model, x, grid, solver),
+        "bdia.sample, BDIA(DDIM()), check_finite=False": lambda: bdia.sample(
+            model, x, grid, solver, check_finite=False
+        ),
+    }
+    for fn in fns.values():
+        fn()
+    # a few back-to-back walks per round: each candidate is timed in the heap state it leaves itself (the CPU
+    # allocator's state after diffusers' many small tensors slows the next candidate's large allocations)
+    times = interleaved(fns, repeats, inner=3)
+    per = {k: [v / steps for v in vs] for k, vs in times.items()}
+    med = {k: _median_us(v) for k, v in per.items()}
+    floor, diff = med["torch.add (floor)"], med["diffusers DDIMScheduler.step"]
+    rows = [
+        {
+            "per step": k,
+            "median us": v,
+            "x floor": v / floor,
+            "x diffusers": v / diff,
+            "x floor (min)": min(per[k]) / min(per["torch.add (floor)"]),
+            "x diffusers (min)": min(per[k]) / min(per["diffusers DDIMScheduler.step"]),
+        }
+        for k, v in med.items()
+    ]
+    return {"shape": list(shape), "steps": steps, "repeats": repeats, "rows": rows}
+
+
 def end_to_end(steps: int, repeats: int, shape: tuple[int, ...] = (4, 4, 64, 64)) -> dict:
     net = TinyConvNet(shape[1]).eval()
     for p in net.parameters():
@@ -305,6 +357,12 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
     if not quick:  # a latent too big for the caches: the bandwidth-bound regime
         big = per_step(repeats=15, inner=5, shape=(16, 4, 128, 128))
         print_table(big["rows"], f"Per step, {big['shape']} float32, model excluded (median of interleaved rounds)")
+    default = [
+        default_path(repeats=3 if quick else 41, shape=shape, steps=3 if quick else 20)
+        for shape in ((4, 4, 64, 64), (1, 4, 128, 128))
+    ]
+    for d in default:
+        print_table(d["rows"], f"Default path per step, {d['shape']} float32, {d['steps']} steps, free model")
     e2e = end_to_end(steps=3 if quick else 20, repeats=1 if quick else 15)
     # what the per-step overheads predict for the end-to-end ratio (the measured one carries the machine's noise)
     us = {r["operation"]: r["median us"] for r in step["rows"]}
@@ -325,6 +383,7 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
         "quick": quick,
         "per_step": step,
         "per_step_large": big,
+        "default_path": default,
         "end_to_end": e2e,
         "memory": mem,
         "seconds": time.perf_counter() - t0,
