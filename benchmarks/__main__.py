@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--results", type=Path, help=f"where the JSON results go (default {RESULTS}; --quick: a temp folder)"
     )
+    p.add_argument("--device", help="where benchmarks that take one run (speed: cpu or cuda)")
     p.add_argument("--img", type=Path, help=f"where the PNG plots go (default {IMG}; --quick: a temp folder)")
     a = p.parse_args(argv)
     unknown = [n for n in a.names if n not in REGISTRY]
@@ -40,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.names or list(REGISTRY):
         t0 = time.perf_counter()
         print(f"\n=== {name}{' (quick)' if a.quick else ''} ===", flush=True)
-        importlib.import_module(REGISTRY[name]).run(quick=a.quick, results_dir=a.results, img_dir=a.img)
+        run = importlib.import_module(REGISTRY[name]).run
+        kw = {} if a.device is None else {"device": a.device}
+        if kw and "device" not in inspect.signature(run).parameters:
+            p.error(f"benchmark {name!r} runs on the CPU only (no --device)")
+        run(quick=a.quick, results_dir=a.results, img_dir=a.img, **kw)
         print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
     return 0
 

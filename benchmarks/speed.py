@@ -163,21 +163,21 @@ def per_step(repeats: int, inner: int, shape: tuple[int, ...] = (4, 4, 64, 64)) 
     }
 
 
-def default_path(repeats: int, shape: tuple[int, ...], steps: int = 20) -> dict:
+def default_path(repeats: int, shape: tuple[int, ...], steps: int = 20, device: str = "cpu") -> dict:
     """What users call, flags untouched: ``bdia.sample(model, x, ts, BDIA(DDIM()))`` with a free model (a network
     that returns a stored tensor), per step, against diffusers' ``DDIMScheduler.step`` looped over the same grid and
     ``torch.add`` (the floor), interleaved in one run."""
     from diffusers import DDIMScheduler
 
     g = torch.Generator().manual_seed(0)
-    x, out = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    x, out = (torch.randn(shape, generator=g).to(device) for _ in range(2))
     model = Model(lambda z, t: out, SD, "epsilon")
     grid = SD.timesteps(steps, "leading", steps_offset=1)
     sched = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
         steps_offset=1,
     )  # fmt: skip
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps, device=device)
     solver = BDIA(DDIM())
 
     def diffusers_loop() -> None:
@@ -212,19 +212,54 @@ def default_path(repeats: int, shape: tuple[int, ...], steps: int = 20) -> dict:
         }
         for k, v in med.items()
     ]
-    return {"shape": list(shape), "steps": steps, "repeats": repeats, "rows": rows}
+    return {"shape": list(shape), "steps": steps, "repeats": repeats, "device": str(device), "rows": rows}
 
 
-def end_to_end(steps: int, repeats: int, shape: tuple[int, ...] = (4, 4, 64, 64)) -> dict:
-    net = TinyConvNet(shape[1]).eval()
+def _synced(fns: dict, device: str) -> dict:
+    """On CUDA each timed call ends with a synchronisation, so that it is timed to its last kernel."""
+    if torch.device(device).type != "cuda":
+        return fns
+    return {k: (lambda f=f: (f(), torch.cuda.synchronize())) for k, f in fns.items()}
+
+
+def compiled(
+    steps: int, repeats: int, backend: str, shape: tuple[int, ...] = (4, 4, 64, 64), device: str = "cpu"
+) -> dict:
+    """A BDIA walk with the network eager and ``torch.compile``d (compilation excluded: its first walk is timed apart);
+    the walk itself is the same Python loop, and the compiled network is traced once for all steps."""
+    net = TinyConvNet(shape[1]).to(device).eval().requires_grad_(False)
+    fast = torch.compile(net, backend=backend)
+    grid = SD.timesteps(steps, "leading", steps_offset=1)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
+    walks = {
+        "eager network": lambda: bdia.sample(Model(net, SD, "epsilon"), z, grid, BDIA(DDIM())),
+        f"torch.compile(network, backend={backend!r})": lambda: bdia.sample(
+            Model(fast, SD, "epsilon"), z, grid, BDIA(DDIM())
+        ),
+    }
+    fns = _synced(walks, device)
+    t0 = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    first = time.perf_counter() - t0
+    times = interleaved(fns, repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    eager = med["eager network"]
+    rows = [{"walk": k, "steps": steps, "median s": v, "x eager": v / eager} for k, v in med.items()]
+    return {"shape": list(shape), "backend": backend, "first_walks_s": first, "rows": rows}
+
+
+def end_to_end(steps: int, repeats: int, shape: tuple[int, ...] = (4, 4, 64, 64), device: str = "cpu") -> dict:
+    net = TinyConvNet(shape[1]).to(device).eval()
     for p in net.parameters():
         p.requires_grad_(False)
     model = Model(net, SD, "epsilon")
     grid = SD.timesteps(steps, "leading", steps_offset=1)
-    z = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
     solvers = {"DDIM": DDIM(), "BDIA-DDIM": BDIA(DDIM(), 1.0), "EDICT": EDICT()}
-    fns = {k: (lambda s=s: bdia.sample(model, z, grid, s)) for k, s in solvers.items()}
-    t_net = interleaved({"net": lambda: net(z, torch.full((shape[0],), 500.0))}, repeats, 3)["net"]
+    fns = _synced({k: (lambda s=s: bdia.sample(model, z, grid, s)) for k, s in solvers.items()}, device)
+    one = _synced({"net": lambda: net(z, torch.full((shape[0],), 500.0, device=device))}, device)
+    t_net = interleaved(one, repeats, 3)["net"]
     for fn in fns.values():
         fn()
     times = interleaved(fns, repeats)
@@ -310,6 +345,23 @@ def peak_memory(ns: list[int], shape: tuple[int, ...] = (4, 4, 64, 64)) -> dict:
     return {"shape": list(shape), "latent_MB": latent / 2**20, "rows": rows}
 
 
+def cuda_memory(ns: list[int], device: str, shape: tuple[int, ...] = (4, 4, 64, 64)) -> dict:
+    """Peak device memory of sampling (``torch.cuda.max_memory_allocated``) beyond what the inputs hold, in latents."""
+    latent = torch.Size(shape).numel() * 4
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(device)
+    model = Model(lambda x, t: torch.tanh(x), SD, "epsilon")
+    rows = []
+    for name, solver in {"DDIM": DDIM(), "BDIA-DDIM": BDIA(DDIM(), 1.0), "EDICT": EDICT()}.items():
+        for n in ns:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            bdia.sample(model, z, SD.timesteps(n, "leading", steps_offset=1), solver)
+            peak = torch.cuda.max_memory_allocated() - base
+            rows.append({"solver": name, "N": n, "peak MB": peak / 2**20, "peak / latent": peak / latent})
+    return {"latent_MB": latent / 2**20, "rows": rows}
+
+
 def _plot(step: dict, e2e: dict, mem: dict, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -340,10 +392,42 @@ def _plot(step: dict, e2e: dict, mem: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(quick: bool = False, results_dir: Path | None = None, img_dir: Path | None = None) -> dict:
+def run(quick: bool = False, results_dir: Path | None = None, img_dir: Path | None = None, device: str = "cpu") -> dict:
+    """The CPU benchmark (``device="cpu"``), or the GPU one (``"cuda"``: default path per step, compiled vs eager,
+    end to end and peak device memory, saved as ``speed_cuda.json``)."""
     results_dir, img_dir = outputs(quick, results_dir, img_dir)
+    if torch.device(device).type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device")
+        with torch.inference_mode():
+            return _run_cuda(quick, Path(results_dir), device)
     with threads(1), torch.inference_mode():
         return _run(quick, Path(results_dir), Path(img_dir))
+
+
+def _run_cuda(quick: bool, results_dir: Path, device: str) -> dict:
+    t0 = time.perf_counter()
+    name = torch.cuda.get_device_name(torch.device(device))
+    default = [
+        default_path(repeats=3 if quick else 41, shape=shape, steps=3 if quick else 20, device=device)
+        for shape in ((4, 4, 64, 64), (1, 4, 128, 128), (16, 4, 128, 128))
+    ]
+    for d in default:
+        print_table(d["rows"], f"Default path per step on {name}, {d['shape']} float32, {d['steps']} steps")
+    comp = compiled(steps=3 if quick else 20, repeats=1 if quick else 15, backend="inductor", device=device)
+    print_table(
+        comp["rows"], f"Compiled vs eager network on {name} (first walks, compiling: {comp['first_walks_s']:.1f} s)"
+    )
+    e2e = end_to_end(steps=3 if quick else 20, repeats=1 if quick else 15, device=device)
+    print_table(
+        e2e["rows"], f"End to end on {name}, TinyConvNet {e2e['shape']} (one net call: {e2e['net_call_ms']:.3f} ms)"
+    )
+    mem = cuda_memory([2, 6] if quick else [5, 20, 100, 400], device)
+    print_table(mem["rows"], f"Peak device memory of sampling (one latent = {mem['latent_MB']:.3f} MB)")
+    payload = {"quick": quick, "device": name, "default_path": default, "compiled": comp, "end_to_end": e2e,
+               "memory": mem, "seconds": time.perf_counter() - t0}  # fmt: skip
+    save(results_dir, "speed_cuda", payload)
+    return payload
 
 
 def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
@@ -363,6 +447,9 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
     ]
     for d in default:
         print_table(d["rows"], f"Default path per step, {d['shape']} float32, {d['steps']} steps, free model")
+    # quick mode checks the plumbing with dynamo's eager backend (no C++ compilation in the test suite)
+    comp = compiled(steps=3 if quick else 20, repeats=1 if quick else 15, backend="eager" if quick else "inductor")
+    print_table(comp["rows"], f"Compiled vs eager network (first walks, compiling: {comp['first_walks_s']:.1f} s)")
     e2e = end_to_end(steps=3 if quick else 20, repeats=1 if quick else 15)
     # what the per-step overheads predict for the end-to-end ratio (the measured one carries the machine's noise)
     us = {r["operation"]: r["median us"] for r in step["rows"]}
@@ -384,6 +471,7 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
         "per_step": step,
         "per_step_large": big,
         "default_path": default,
+        "compiled": comp,
         "end_to_end": e2e,
         "memory": mem,
         "seconds": time.perf_counter() - t0,

@@ -7,12 +7,13 @@ import json
 import math
 
 import pytest
+import torch
 
 pytest.importorskip("scipy")
 pytest.importorskip("matplotlib")
 
 from benchmarks import __main__ as cli
-from benchmarks import accuracy, inversion
+from benchmarks import accuracy, inversion, speed
 
 
 def _written(tmp_path, name: str, pngs: list[str]) -> dict:
@@ -74,6 +75,34 @@ def test_speed_quick_through_the_command_line(tmp_path, capsys):
     assert {r["solver"] for r in data["end_to_end"]["rows"]} == {"DDIM", "BDIA-DDIM", "EDICT"}
     if "rows" in data["memory"]:
         assert all(math.isfinite(r["peak MB"]) for r in data["memory"]["rows"])
+    for d in data["default_path"]:  # the default call, flags untouched, at both pinned sizes
+        assert {r["per step"] for r in d["rows"]} >= {"bdia.sample, BDIA(DDIM()), default flags"}
+    assert [d["shape"] for d in data["default_path"]] == [[4, 4, 64, 64], [1, 4, 128, 128]]
+    assert len(data["compiled"]["rows"]) == 2
+
+
+def test_quick_runs_never_write_the_committed_results(monkeypatch, tmp_path):
+    import benchmarks
+
+    monkeypatch.setattr(benchmarks, "RESULTS", tmp_path / "committed" / "results")
+    monkeypatch.setattr(benchmarks, "IMG", tmp_path / "committed" / "img")
+    results, img = benchmarks.outputs(True, None, None)
+    assert benchmarks.RESULTS not in results.parents and results != benchmarks.RESULTS and img != benchmarks.IMG
+    assert benchmarks.outputs(False, None, None) == (benchmarks.RESULTS, benchmarks.IMG)
+    assert benchmarks.outputs(True, tmp_path / "r", tmp_path / "i") == (tmp_path / "r", tmp_path / "i")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_speed_quick_on_cuda(tmp_path):
+    pytest.importorskip("diffusers")
+    out = speed.run(quick=True, results_dir=tmp_path, device="cuda")
+    assert (tmp_path / "speed_cuda.json").exists() and out["memory"]["rows"]
+
+
+def test_device_is_refused_for_cpu_only_benchmarks(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["accuracy", "--quick", "--device", "cuda"])
+    assert "CPU only" in capsys.readouterr().err
 
 
 def test_command_line_registry_and_errors(capsys):
