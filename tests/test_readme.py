@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+import bdia
 from bdia.models import GaussianMixture
 from bdia.schedules import EDM, DiscreteVP, Flow
 
@@ -57,7 +58,8 @@ def _stand_ins() -> dict:
     }
 
 
-def test_readme_examples_run():
+def test_readme_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the examples write files (a saved state)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 3
     namespace = _stand_ins()
@@ -70,3 +72,5 @@ def test_readme_examples_run():
     assert ns["z0"].grad is not None and ns["z0"].grad.shape == ns["noise"].shape
     assert len(ns["ts"]) == 51 and ns["edit"].shape == ns["noise"].shape
     assert float((ns["z_k"] - 80 * ns["noise"]).norm() / (80 * ns["noise"]).norm()) < 1e-14
+    saved = bdia.state.load(tmp_path / "z.pt")
+    assert torch.equal(saved.x, ns["z"].x) and saved.t == ns["z"].t
