@@ -15,6 +15,8 @@ See docs/diffusers.md for what maps to what and what is refused.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 try:
+    import diffusers
     from diffusers import ConfigMixin, DDIMScheduler, SchedulerMixin
     from diffusers.configuration_utils import register_to_config
     from diffusers.utils import BaseOutput
@@ -151,7 +154,11 @@ def timesteps_from(scheduler: Any, num_inference_steps: int, *, mu: float | None
         if mu is not None:
             raise ValueError("timesteps_from: mu is only for flow schedulers with dynamic shifting")
         fresh.set_timesteps(num_inference_steps)
-        times = torch.cat([fresh.timesteps.to("cpu", torch.float64), torch.tensor([_end_time(fresh, schedule)])])
+        steps = fresh.timesteps.to("cpu", torch.float64)
+        # a negative timestep is numpy's arange overshooting in 'trailing' spacing (n = 61, 103, ... of 1000):
+        # DDIMScheduler then indexes alphas_cumprod[-1], the noisiest entry; it is no point of the walk
+        steps = steps[steps >= 0]
+        times = torch.cat([steps, torch.tensor([_end_time(fresh, schedule)], dtype=torch.float64)])
     times = torch.unique(times).flip(0)  # distinct and noisiest first (PNDM repeats timesteps; inverse ones rise)
     return times.to(torch.float64)
 
@@ -281,6 +288,17 @@ def model_from(
 # -------------------------------------------------------------------------------------------- schedulers
 
 
+@functools.cache
+def _ddim_like_keys() -> frozenset[str]:
+    """Every configuration key of the DDIM-like schedulers (of the installed diffusers) and of ours."""
+    keys = set(inspect.signature(_BDIASchedulerBase.__init__).parameters)
+    for name in _DDIM_LIKE:
+        cls = getattr(diffusers, name, None)
+        if cls is not None:
+            keys |= set(inspect.signature(cls.__init__).parameters)
+    return frozenset(keys - {"self", "kwargs"})
+
+
 @dataclass
 class BDIASchedulerOutput(BaseOutput):
     """``prev_sample``: the latent the step made (the next model input); ``pred_original_sample``: the x0 estimate
@@ -368,10 +386,12 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         timesteps: DDIM, DDPM, PNDM, Euler, DPM-Solver, ...); ``kwargs`` override it (``gamma=...``)."""
         given = dict(config or {})
         name = given.get("_class_name")
-        if name is not None and name not in _DDIM_LIKE:
+        foreign = sorted(k for k in given if not k.startswith("_") and k not in _ddim_like_keys())
+        if (name is not None and name not in _DDIM_LIKE) or foreign:
+            what = f"{name}'s" if name is not None and name not in _DDIM_LIKE else f"one with the keys {foreign}"
             raise ValueError(
                 f"{cls.__name__}.from_config needs the config of a DDIM-like scheduler (betas over discrete timesteps: "
-                f"{', '.join(_DDIM_LIKE[:6])}, ...); got {name}'s, whose keys mean something else"
+                f"{', '.join(_DDIM_LIKE[:6])}, ...); got {what}, which no DDIM-like scheduler has"
             )
         merged = {**given, **kwargs}
         for key, plain in _OTHER_GRIDS.items():
@@ -464,8 +484,9 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
 
     @property
     def state(self) -> State | None:
-        """The pair of latents the walk holds (``bdia.State``, sampling orientation: ``x_prev`` the noisier), or None
-        before the first step. After a pipeline run this is what ``invert`` needs for an exact inversion."""
+        """The pair of latents the walk holds, as ``bdia.sample`` / ``bdia.invert`` return it (``x`` the latent the
+        walk is at, ``x_prev`` the one before it), or None before the first step. After a pipeline run this is what
+        ``invert`` needs for an exact inversion."""
         return self._state
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
@@ -565,6 +586,12 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         g = self._grid
         start = len(g) - 1 if self._state is None else self._where[self._state.t_prev]
         return g[start:0:-1]
+
+    @property
+    def state(self) -> State | None:
+        # kept in sampling orientation, shown facing the inversion walk (x the noisiest latent reached), as
+        # bdia.invert returns it
+        return None if self._state is None else self._state.flipped()
 
     def _continue(self, state: State) -> tuple[State, torch.Tensor]:
         if state.t_prev < state.t:
