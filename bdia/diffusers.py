@@ -657,11 +657,6 @@ def _walk_setup(
 ) -> tuple[Model, torch.Tensor, BDIA, dict[str, Any]]:
     """The model (with CFG when guidance_scale > 1, the pipeline's rule), the grid, the solver and the conditioning
     of a walk through a Stable Diffusion pipeline's components."""
-    if not hasattr(pipe, "encode_prompt") or not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
-        raise TypeError(
-            "pipe must be a Stable Diffusion-family pipeline (unet, vae, text encoder and encode_prompt), got "
-            f"{type(pipe).__name__}"
-        )
     if prompt is None and prompt_embeds is None:
         raise ValueError('give prompt (a string, "" for none) or prompt_embeds')
     guided = guidance_scale > 1
@@ -709,7 +704,27 @@ def _start(n_grid: int, num_inference_steps: int, strength: float) -> int:
     return k
 
 
+def _on_grid(pair: State, ts: torch.Tensor, num_inference_steps: int, name: str) -> int:
+    """The grid index of the pair's noisier point; the pair must be two consecutive points of the grid."""
+    times = ts.tolist()
+    hi, lo = max(pair.t, pair.t_prev), min(pair.t, pair.t_prev)
+    k = times.index(hi) if hi in times else -1
+    if k < 0 or k + 1 == len(times) or times[k + 1] != lo:
+        raise ValueError(
+            f"{name} holds times ({pair.t_prev}, {pair.t}), not two consecutive points of the grid of "
+            f"num_inference_steps={num_inference_steps} ({times[0]}, {times[1]}, ..., {times[-1]}): use the "
+            "num_inference_steps and scheduler configuration of the walk that made it"
+        )
+    return k
+
+
 def _device(pipe: Any) -> torch.device:
+    """The pipeline's execution device, once it is known to be a Stable Diffusion-family pipeline."""
+    if not all(hasattr(pipe, a) for a in ("encode_prompt", "unet", "vae", "scheduler", "image_processor")):
+        raise TypeError(
+            "pipe must be a Stable Diffusion-family pipeline (unet, vae, text encoder and encode_prompt), got "
+            f"{type(pipe).__name__}"
+        )
     return getattr(pipe, "_execution_device", None) or pipe.device
 
 
@@ -744,6 +759,7 @@ def invert(
     strength: float = 1.0,
     gamma: float | None = None,
     progress: bool = False,
+    callback: Callable[[State], None] | None = None,
 ) -> State:
     """Invert an image (PIL image(s), arrays or a tensor in the pipeline's image format), latents, or a pair
     (``bdia.State``, e.g. ``pipe.scheduler.state`` after sampling with ``BDIAScheduler``) to the noise of the
@@ -752,7 +768,8 @@ def invert(
     Returns the pair (``bdia.State``) that ``sample`` continues from. Images go through the VAE (posterior mean);
     a lone latent's first step is one plain DDIM step (the only approximation), a pair is inverted exactly.
     ``strength`` < 1 inverts only the last ``int(strength * num_inference_steps)`` steps, as img2img counts them.
-    ``gamma``: the scheduler's if it is a BDIA one, else 1 (the exactly invertible choice).
+    ``gamma``: the scheduler's if it is a BDIA one, else 1 (the exactly invertible choice). ``progress`` and
+    ``callback(state)`` (after every step) are ``bdia.invert``'s.
     """
     device = _device(pipe)
     with torch.no_grad():
@@ -775,7 +792,9 @@ def invert(
             gamma,
         )
         k = _start(len(ts), num_inference_steps, strength)
-        return bdia.invert(model, x, ts[k:], solver, progress=progress, **cond)
+        if isinstance(x, State):
+            _on_grid(x, ts, num_inference_steps, "image_or_latents")
+        return bdia.invert(model, x, ts[k:], solver, progress=progress, callback=callback, **cond)
 
 
 def sample(
@@ -792,13 +811,15 @@ def sample(
     gamma: float | None = None,
     output_type: str = "pil",
     progress: bool = False,
+    callback: Callable[[State], None] | None = None,
 ) -> Any:
     """Sample with BDIA-DDIM through the pipeline's components and decode: from a pair that ``invert`` returned
     (editing: pass another prompt; the same prompt rebuilds the inverted latent), or from noise at the grid's start.
 
     A pair continues from where it lies on the grid (a partial inversion's pair continues its partial walk;
     ``strength``, if given, must agree). A lone tensor is a latent at the grid's start (``strength``: part way).
-    ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (the pipeline's image formats) or ``"latent"``.
+    ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (the pipeline's image formats) or ``"latent"``. ``progress`` and
+    ``callback(state)`` are ``bdia.sample``'s.
     """
     device = _device(pipe)
     with torch.no_grad():
@@ -823,21 +844,14 @@ def sample(
         )
         k = None if strength is None else _start(len(ts), num_inference_steps, strength)
         if isinstance(x, State):
-            times = ts.tolist()
-            noisier = max(x.t, x.t_prev)
-            if noisier not in times:
+            at = _on_grid(x, ts, num_inference_steps, "latents")
+            if k is not None and k != at:
                 raise ValueError(
-                    f"latents holds times ({x.t_prev}, {x.t}), which are not on the grid of num_inference_steps="
-                    f"{num_inference_steps} ({times[0]}, ..., {times[-1]}): sample with the num_inference_steps "
-                    "and scheduler that inverted it"
-                )
-            if k is not None and k != times.index(noisier):
-                raise ValueError(
-                    f"strength={strength} starts at t = {times[k]}, but the pair starts at t = {noisier}: leave "
+                    f"strength={strength} starts at t = {ts[k]}, but the pair starts at t = {ts[at]}: leave "
                     "strength out to continue the pair where it is"
                 )
-            k = times.index(noisier)
-        out = bdia.sample(model, x, ts[k or 0 :], solver, progress=progress, **cond).x
+            k = at
+        out = bdia.sample(model, x, ts[k or 0 :], solver, progress=progress, callback=callback, **cond).x
         if output_type == "latent":
             return out
         vae = pipe.vae.config
