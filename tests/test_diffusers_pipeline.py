@@ -161,3 +161,10 @@ def test_img2img_and_save_load(pipe, tmp_path):
     pipe.save_pretrained(tmp_path)
     back = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path)
     assert type(back.scheduler) is BDIAScheduler and back.scheduler.config.gamma == 0.5
+
+
+def readme_stand_ins() -> dict:
+    """What the README's "With diffusers" section takes as the user's: a pipeline, a prompt, noise, embeddings."""
+    pipe = tiny_pipeline(seed=0)
+    embeds = pipe.encode_prompt("a cat", "cpu", 1, False)[0]
+    return {"pipe": pipe, "prompt": "a cat", "start": noise()[:1], "prompt_embeds": embeds}
