@@ -887,7 +887,10 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
     ``UNet2DConditionModel``, an ``AutoencoderKL``, a one-layer ``CLIPTextModel`` with a letters-only tokenizer
     (8 tokens), and Stable Diffusion 1.5's scheduler configuration. 16x16 images, 4x8x8 latents, milliseconds per
     step on a CPU: for tests, examples and benchmarks of code that drives a pipeline (its images are noise)."""
+    import json
     import string
+    import tempfile
+    from pathlib import Path
 
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -935,7 +938,10 @@ def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
         for module in (unet, vae, text):
             # torch's own conversion of floating-point tensors (diffusers' .to(dtype) warns about fp32 modules)
             torch.nn.Module.to(module, dtype)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=8)
+    with tempfile.TemporaryDirectory() as folder:  # a vocabulary file and no merges: the classic way to load one
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=8)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
