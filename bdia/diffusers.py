@@ -33,10 +33,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError('bdia.diffusers needs diffusers: pip install "bdia[diffusers]"') from e
 
 import bdia
+from bdia import State
 from bdia.models import CFG, Model, Prediction
 from bdia.schedules import DiscreteVP, Flow, Schedule
 from bdia.solvers import BDIA, DDIM
-from bdia.state import State, check_state
 
 __all__ = [
     "BDIAInverseScheduler",
@@ -322,6 +322,17 @@ def _given_output(x: torch.Tensor, *, timestep: torch.Tensor, output: torch.Tens
     return output
 
 
+def _flip(s: State) -> State:
+    """The same pair seen from the other direction of travel."""
+    return State(s.x, s.x_prev, s.t, s.t_prev)
+
+
+def _pair(s: Any, name: str) -> State:
+    if not isinstance(s, State):
+        raise TypeError(f"{name} must be a bdia.State (a pair of latents and their times), got {type(s).__name__}")
+    return s
+
+
 class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
     """What both directions share: the config (DDIMScheduler's keys plus ``gamma``), the schedule, the grid."""
 
@@ -431,7 +442,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         self._solver = BDIA(DDIM(), self.config.gamma)
         self._state, self._given = None, None
         if state is not None:
-            self._state, self._given = self._continue(check_state(state, "state"))
+            self._state, self._given = self._continue(_pair(state, "state"))
         self.timesteps = torch.tensor(self._visible(), dtype=torch.int64, device=device)
 
     def _position(self, state: State) -> int:
@@ -526,7 +537,7 @@ class BDIAScheduler(_BDIASchedulerBase):
 
     def _continue(self, state: State) -> tuple[State, torch.Tensor]:
         if state.t_prev < state.t:
-            state = state.flipped()
+            state = _flip(state)
         self._position(state)
         return state, state.x
 
@@ -591,11 +602,11 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
     def state(self) -> State | None:
         # kept in sampling orientation, shown facing the inversion walk (x the noisiest latent reached), as
         # bdia.invert returns it
-        return None if self._state is None else self._state.flipped()
+        return None if self._state is None else _flip(self._state)
 
     def _continue(self, state: State) -> tuple[State, torch.Tensor]:
         if state.t_prev < state.t:
-            state = state.flipped()
+            state = _flip(state)
         self._position(state)
         return state, state.x_prev
 
@@ -625,7 +636,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         model, st = _Answer(self.schedule, pred), self._state
         if st is None:
             # a lone latent: one plain DDIM step towards noise, then the pair in sampling orientation
-            st = self._solver.init(model, sample, t, self._grid[i - 1]).flipped()
+            st = _flip(self._solver.init(model, sample, t, self._grid[i - 1]))
         else:
             if st.t_prev != t:
                 raise ValueError(
@@ -774,7 +785,7 @@ def invert(
     device = _device(pipe)
     with torch.no_grad():
         if isinstance(image_or_latents, State):
-            x: torch.Tensor | State = check_state(image_or_latents, "image_or_latents")
+            x: torch.Tensor | State = image_or_latents
             batch = image_or_latents.x.shape[0]
         else:
             x = _latents_of(pipe, image_or_latents, device)
@@ -824,7 +835,7 @@ def sample(
     device = _device(pipe)
     with torch.no_grad():
         if isinstance(latents, State):
-            x: torch.Tensor | State = check_state(latents, "latents")
+            x: torch.Tensor | State = latents
             batch = latents.x.shape[0]
         elif isinstance(latents, torch.Tensor):
             x, batch = latents.to(device), latents.shape[0]

@@ -223,7 +223,7 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
     print_table(small["rows"], f"Scheduler step, {small['shape']} float32 (the tiny pipeline's latents)")
     e2e = end_to_end(steps=5 if quick else 50, repeats=1 if quick else 21)
     print_table(e2e["rows"], "End to end, tiny Stable Diffusion pipeline (CFG 7.5, images decoded)")
-    exact = exactness(steps=10 if quick else 50)
+    exact = exactness(steps=5 if quick else 50)
     print_table(exact["rows"], f"Exactness through the tiny pipeline, {exact['steps']} steps, CFG 3 (relative L2)")
     img_dir.mkdir(parents=True, exist_ok=True)
     _plot(step, e2e, img_dir / "diffusers_speed.png")

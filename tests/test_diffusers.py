@@ -15,6 +15,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import bdia  # noqa: E402
+from bdia import State  # noqa: E402
 from bdia.diffusers import (  # noqa: E402
     BDIAInverseScheduler,
     BDIAScheduler,
@@ -24,7 +25,6 @@ from bdia.diffusers import (  # noqa: E402
 )
 from bdia.schedules import DiscreteVP, Flow  # noqa: E402
 from bdia.solvers import BDIA, DDIM  # noqa: E402
-from bdia.state import State  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)

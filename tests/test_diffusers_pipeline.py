@@ -13,9 +13,9 @@ diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 import bdia  # noqa: E402
+from bdia import State  # noqa: E402
 from bdia.diffusers import BDIAScheduler, invert, model_from, sample, timesteps_from, tiny_pipeline  # noqa: E402
 from bdia.solvers import BDIA, DDIM  # noqa: E402
-from bdia.state import State  # noqa: E402
 from tests.test_diffusers import Extent  # noqa: E402
 
 PROMPTS = ["a cat", "a dog"]
