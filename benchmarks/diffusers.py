@@ -228,9 +228,7 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
     saved_ms = e2e["rows"][0]["steps"] * (us["BDIAScheduler.step gamma=1"] - us["DDIMScheduler.step"]) / 1e3
     e2e["predicted_bdia_ratio"] = (ddim_ms + saved_ms) / ddim_ms
     print_table(e2e["rows"], "End to end, tiny Stable Diffusion pipeline (CFG 7.5, images decoded)")
-    print(
-        f"BDIAScheduler / DDIMScheduler end to end, predicted from the per-step times: {e2e['predicted_bdia_ratio']:.4f}"
-    )
+    print(f"BDIAScheduler / DDIMScheduler end to end, predicted from the step times: {e2e['predicted_bdia_ratio']:.4f}")
     exact = exactness(steps=5 if quick else 50)
     print_table(exact["rows"], f"Exactness through the tiny pipeline, {exact['steps']} steps, CFG 3 (relative L2)")
     img_dir.mkdir(parents=True, exist_ok=True)
