@@ -205,7 +205,7 @@ def _plot(step: dict, e2e: dict, path: Path) -> None:
     axes[1].axvline(1.0, color="k", lw=0.6)
     for i, r in enumerate(r2):
         axes[1].text(r["x DDIM"], i, f" {r['x DDIM']:.3f}", va="center", fontsize=8)
-    axes[1].set_title(f"tiny SD pipeline, {r2[0]['steps']} steps, CFG: time / DDIMScheduler's", fontsize=9)
+    axes[1].set_title(f"tiny SD pipeline, {r2[0]['steps']} steps: time / DDIM's", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
