@@ -397,7 +397,11 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         timesteps: DDIM, DDPM, PNDM, Euler, DPM-Solver, ...); ``kwargs`` override it (``gamma=...``)."""
         given = dict(config or {})
         name = given.get("_class_name")
-        foreign = sorted(k for k in given if not k.startswith("_") and k not in _ddim_like_keys())
+        # a config made in memory has no class name: then its keys tell (a saved DDIM-like config may carry keys
+        # of older diffusers versions, which diffusers ignores)
+        foreign = (
+            [] if name is not None else sorted(k for k in given if not k.startswith("_") and k not in _ddim_like_keys())
+        )
         if (name is not None and name not in _DDIM_LIKE) or foreign:
             what = f"{name}'s" if name is not None and name not in _DDIM_LIKE else f"one with the keys {foreign}"
             raise ValueError(

@@ -468,6 +468,10 @@ def test_errors(unet):
         BDIAScheduler.from_config(flow.config)
     with pytest.raises(ValueError, match="DDIM-like"):
         BDIAScheduler.from_config(diffusers.EDMEulerScheduler().config)
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler's"):  # as saved: named
+        BDIAScheduler.from_config({**flow.config, "_class_name": "FlowMatchEulerDiscreteScheduler"})
+    legacy = {**diffusers.PNDMScheduler(**SD).config, "_class_name": "PNDMScheduler", "tensor_format": "pt"}
+    assert BDIAScheduler.from_config(legacy).config.beta_end == 0.012  # a saved config's old keys are ignored
     karras = diffusers.EulerDiscreteScheduler(**SD, use_karras_sigmas=True)
     with pytest.raises(ValueError, match="use_karras_sigmas=True"):
         BDIAScheduler.from_config(karras.config)
