@@ -105,6 +105,19 @@ def test_device_is_refused_for_cpu_only_benchmarks(capsys):
     assert "CPU only" in capsys.readouterr().err
 
 
+def test_diffusers_quick(tmp_path):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from benchmarks import diffusers as bench
+
+    out = bench.run(quick=True, results_dir=tmp_path / "results", img_dir=tmp_path / "img")
+    _written(tmp_path, "diffusers", ["diffusers_speed.png"])
+    assert all(r["median us/step"] > 0 for r in out["per_step"]["rows"]) and len(out["per_step"]["rows"]) == 4
+    assert out["per_step"]["gamma0_vs_ddim_max_rel"] < 1e-5  # gamma = 0 is DDIMScheduler's walk, to rounding
+    runs = {r["run"] for r in out["end_to_end"]["rows"]}
+    assert {"pipeline, DDIMScheduler", "pipeline, BDIAScheduler gamma=1", "bdia.diffusers.sample gamma=1"} == runs
+
+
 def test_command_line_registry_and_errors(capsys):
     for name, module in cli.REGISTRY.items():
         assert module.startswith("benchmarks.") and name

@@ -42,7 +42,10 @@ def _stand_ins() -> dict:
         p = flow(x, float(t[0]))
         return p.eps - p.x0
 
+    from tests.test_diffusers_pipeline import readme_stand_ins  # the "With diffusers" section's tiny pipeline
+
     return {
+        **readme_stand_ins(),
         "my_unet": my_unet,
         "denoiser": denoiser,
         "velocity_net": velocity_net,
