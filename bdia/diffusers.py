@@ -35,6 +35,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 import bdia
 from bdia import State
 from bdia.models import CFG, Model, Prediction
+from bdia.sampling import Step
 from bdia.schedules import DiscreteVP, Flow, Schedule
 from bdia.solvers import BDIA, DDIM
 
@@ -223,7 +224,7 @@ class _ProcessedX0(Model):
 
     def __call__(self, x: torch.Tensor, t: float, **kwargs: Any) -> Prediction:
         pred = super().__call__(x, t, **kwargs)
-        return Prediction(self.process_x0(pred.x0), pred.eps_terms)
+        return Prediction(self.process_x0(pred.x0), pred.eps)
 
 
 def _clip(limit: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -320,11 +321,6 @@ class _Answer:
 
 def _given_output(x: torch.Tensor, *, timestep: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return output
-
-
-def _flip(s: State) -> State:
-    """The same pair seen from the other direction of travel."""
-    return State(s.x, s.x_prev, s.t, s.t_prev)
 
 
 def _pair(s: Any, name: str) -> State:
@@ -541,7 +537,7 @@ class BDIAScheduler(_BDIASchedulerBase):
 
     def _continue(self, state: State) -> tuple[State, torch.Tensor]:
         if state.t_prev < state.t:
-            state = _flip(state)
+            state = state.flipped()
         self._position(state)
         return state, state.x
 
@@ -606,11 +602,11 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
     def state(self) -> State | None:
         # kept in sampling orientation, shown facing the inversion walk (x the noisiest latent reached), as
         # bdia.invert returns it
-        return None if self._state is None else _flip(self._state)
+        return None if self._state is None else self._state.flipped()
 
     def _continue(self, state: State) -> tuple[State, torch.Tensor]:
         if state.t_prev < state.t:
-            state = _flip(state)
+            state = state.flipped()
         self._position(state)
         return state, state.x_prev
 
@@ -640,7 +636,7 @@ class BDIAInverseScheduler(_BDIASchedulerBase):
         model, st = _Answer(self.schedule, pred), self._state
         if st is None:
             # a lone latent: one plain DDIM step towards noise, then the pair in sampling orientation
-            st = _flip(self._solver.init(model, sample, t, self._grid[i - 1]))
+            st = self._solver.init(model, sample, t, self._grid[i - 1]).flipped()
         else:
             if st.t_prev != t:
                 raise ValueError(
@@ -774,7 +770,7 @@ def invert(
     strength: float = 1.0,
     gamma: float | None = None,
     progress: bool = False,
-    callback: Callable[[State], None] | None = None,
+    callback: Callable[[Step], bool | None] | None = None,
 ) -> State:
     """Invert an image (PIL image(s), arrays or a tensor in the pipeline's image format), latents, or a pair
     (``bdia.State``, e.g. ``pipe.scheduler.state`` after sampling with ``BDIAScheduler``) to the noise of the
@@ -784,7 +780,7 @@ def invert(
     a lone latent's first step is one plain DDIM step (the only approximation), a pair is inverted exactly.
     ``strength`` < 1 inverts only the last ``int(strength * num_inference_steps)`` steps, as img2img counts them.
     ``gamma``: the scheduler's if it is a BDIA one, else 1 (the exactly invertible choice). ``progress`` and
-    ``callback(state)`` (after every step) are ``bdia.invert``'s.
+    ``callback(step)`` (after every step; see ``bdia.sampling.Step``) are ``bdia.invert``'s.
     """
     device = _device(pipe)
     with torch.no_grad():
@@ -826,7 +822,7 @@ def sample(
     gamma: float | None = None,
     output_type: str = "pil",
     progress: bool = False,
-    callback: Callable[[State], None] | None = None,
+    callback: Callable[[Step], bool | None] | None = None,
 ) -> Any:
     """Sample with BDIA-DDIM through the pipeline's components and decode: from a pair that ``invert`` returned
     (editing: pass another prompt; the same prompt rebuilds the inverted latent), or from noise at the grid's start.
@@ -834,7 +830,7 @@ def sample(
     A pair continues from where it lies on the grid (a partial inversion's pair continues its partial walk;
     ``strength``, if given, must agree). A lone tensor is a latent at the grid's start (``strength``: part way).
     ``output_type``: ``"pil"``, ``"np"``, ``"pt"`` (the pipeline's image formats) or ``"latent"``. ``progress`` and
-    ``callback(state)`` are ``bdia.sample``'s.
+    ``callback(step)`` are ``bdia.sample``'s.
     """
     device = _device(pipe)
     with torch.no_grad():
