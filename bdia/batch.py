@@ -222,7 +222,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def _existing(folder: Path, count: int) -> set[int]:
     with os.scandir(folder) as it:
         found = {int(m.group(1)) for e in it if (m := _SHARD.fullmatch(e.name))}
-    return {k for k in found if k < count}
+    return {k for k in found if k < count and (folder / shard_name(k)).is_file()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -609,6 +609,7 @@ def _run(
     description: Mapping[str, Any] | None,
     progress: bool,
 ) -> Summary:
+    _safetensors()  # before any work, not after the first shard
     grid = check_grid(ts, getattr(model, "schedule", None))
     device = default_device() if device is None else torch.device(device)
     if source.shard_size is not None:  # the input's batches are kept: the same network batches, the same bits

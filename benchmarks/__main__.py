@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "speed": "benchmarks.speed",  # per-step overhead vs diffusers and a torch.add floor; end to end; memory
     "gradients": "benchmarks.gradients",  # gradient through sampling: peak memory and time vs N (issue 4)
     "quality": "benchmarks.quality",  # trained digits model: class accuracy and digits-FD vs NFE, with/without CFG
+    "throughput": "benchmarks.throughput",  # bdia sample: samples/s at 1 and 2 processes, shard-writing share
 }
 
 

@@ -198,6 +198,7 @@ def test_resume_skips_finished_shards_and_refuses_another_run(tmp_path):
     again = go()
     assert (again.computed, again.skipped, again.samples) == (0, 3, 0) and _files(out) == before
     (out / batch.shard_name(1)).unlink()
+    (out / f".{batch.shard_name(1)}.999.tmp").write_bytes(b"half a shard")  # as a killed writer leaves it
     redo = go()
     assert (redo.computed, redo.skipped, redo.samples) == (1, 2, 4) and _files(out) == before
     for change, what in [

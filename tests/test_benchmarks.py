@@ -12,7 +12,7 @@ pytest.importorskip("scipy")
 pytest.importorskip("matplotlib")
 
 from benchmarks import __main__ as cli
-from benchmarks import accuracy, inversion
+from benchmarks import accuracy, inversion, throughput
 
 
 def _written(tmp_path, name: str, pngs: list[str]) -> dict:
@@ -74,6 +74,15 @@ def test_speed_quick_through_the_command_line(tmp_path, capsys):
     assert {r["solver"] for r in data["end_to_end"]["rows"]} == {"DDIM", "BDIA-DDIM", "EDICT"}
     if "rows" in data["memory"]:
         assert all(math.isfinite(r["peak MB"]) for r in data["memory"]["rows"])
+
+
+def test_throughput_quick(tmp_path):
+    pytest.importorskip("safetensors")
+    out = throughput.run(quick=True, results_dir=tmp_path / "results", img_dir=tmp_path / "img")
+    data = _written(tmp_path, "throughput", [])
+    assert [r["processes"] for r in data["rows"]] == [1, 2] and data["identical_files"] is True
+    assert all(r["samples/s (loop)"] > 0 and 0 < r["writing share"] < 1 for r in out["rows"])
+    assert all(run["samples"] == 12 and run["world_size"] == int(p) for p, rs in out["runs"].items() for run in rs)
 
 
 def test_command_line_registry_and_errors(capsys):
