@@ -237,9 +237,7 @@ def _setup(a: argparse.Namespace, stored: dict[str, Any] | None) -> _Setup:
         raise _Usage(f"--p applies to --solver edict only, not {solver_name}")
     choice = MODELS.get(spec) or _user_model(spec)
     dtype = getattr(torch, a.dtype or (stored or {}).get("dtype") or "float32")
-    device = bdia.batch.default_device() if a.device == "auto" else torch.device(a.device)
-    if device.type == "cuda" and device.index is None:
-        device = bdia.batch.default_device()
+    device = a.device
     model = choice.build(device, dtype, guidance)
     if not callable(model) or not isinstance(getattr(model, "schedule", None), bdia.schedules.Schedule):
         raise _Usage(f"--model {spec} gave {type(model).__name__}, not a denoiser (callable, with a .schedule)")
@@ -261,6 +259,17 @@ def _setup(a: argparse.Namespace, stored: dict[str, Any] | None) -> _Setup:
         "p": getattr(solver, "p", None),
     }
     return _Setup(model, ts, solver, dtype, device, conditions, description, choice)
+
+
+def _device(text: str) -> torch.device:
+    """``--device``: auto, cpu, cuda (this process's GPU: cuda:LOCAL_RANK) or cuda:N."""
+    try:
+        device = bdia.batch.default_device() if text == "auto" else torch.device(text)
+    except RuntimeError as e:
+        raise _Usage(f"--device {text}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise _Usage(f"--device {text}: this torch sees no CUDA device (use cpu or auto)")
+    return bdia.batch.default_device() if device.type == "cuda" and device.index is None else device
 
 
 def _grid(schedule: Any, steps: int, spacing: str | None) -> torch.Tensor:
@@ -357,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
             torch.use_deterministic_algorithms(True)
-        device = a.device if a.device != "auto" else bdia.batch.default_device().type
-        if a.threads is not None or torch.device(device).type == "cpu":
+        a.device = _device(a.device)
+        if a.threads is not None or a.device.type == "cpu":
             torch.set_num_threads(a.threads or 1)
         summary = a.run(a)
     except _Usage as e:

@@ -79,6 +79,7 @@ def test_demo_is_forwarded(capsys):
         (["sample", "-n", "0"], "expected an int >= 1"),
         (["sample", "-n", "4", "--shape", "1,x"], "expected sizes separated by commas"),
         (["sample", "-n", "4", "--model", "builtins:dict"], "not a denoiser"),
+        (["sample", "-n", "4", "--device", "nonsense"], "--device nonsense"),
     ],
 )
 def test_unusable_arguments_exit_2_naming_the_option(tmp_path, capsys, argv, message):
