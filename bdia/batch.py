@@ -459,7 +459,9 @@ class _Group:
 class Summary:
     """What a call did, over all ranks: ``shards`` in the data set, ``computed`` by this call and ``skipped``
     (already on disk), ``samples`` computed, wall ``seconds`` between the start and end barriers, and time
-    summed over ranks spent in shards (``busy_seconds``) and in writing them (``write_seconds``)."""
+    summed over ranks spent in shards (``busy_seconds``), in writing them (``write_seconds``) and the CPU time
+    the ranks used in shards (``cpu_seconds``: below ``busy_seconds`` when they waited for a device or for a
+    core that other work held)."""
 
     out: Path
     shards: int
@@ -470,6 +472,7 @@ class Summary:
     seconds: float
     busy_seconds: float
     write_seconds: float
+    cpu_seconds: float
 
     @property
     def samples_per_s(self) -> float:
@@ -673,7 +676,7 @@ def _run(
         mine = todo[group.rank :: group.world]
         total = sum(hi - lo for k, (lo, hi) in enumerate(ranges) if k not in done)
         start = time.perf_counter()
-        busy = written = 0.0
+        busy = written = cpu = 0.0
         with (
             tqdm(
                 total=total,
@@ -685,7 +688,7 @@ def _run(
             torch.no_grad(),
         ):
             for k in mine:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 lo, hi = ranges[k]
                 x, conds, extra = source.read(k, lo, hi)
                 kw = {**conds, **{name: _rows(c, lo, hi) for name, c in conditions.items()}}
@@ -693,20 +696,20 @@ def _run(
                 t1 = time.perf_counter()
                 _write_shard(out / shard_name(k), k, lo, hi, state, kw, extra)
                 t2 = time.perf_counter()
-                busy, written = busy + t2 - t0, written + t2 - t1
+                busy, written, cpu = busy + t2 - t0, written + t2 - t1, cpu + time.process_time() - c0
                 if not bar.disable:  # all ranks' progress, as the files on disk show it
                     now = _existing(out, len(ranges)) - done
                     bar.update(sum(ranges[j][1] - ranges[j][0] for j in now) - bar.n)
             group.barrier()
             seconds = time.perf_counter() - start
             bar.update(total - bar.n)
-        computed, busy_s, write_s = group.sum([float(len(mine)), busy, written])
+        computed, busy_s, write_s, cpu_s = group.sum([float(len(mine)), busy, written, cpu])
         missing = sorted(set(range(len(ranges))) - _existing(out, len(ranges)))
         if missing:
             raise DatasetError(_missing_message(out, missing))
     finally:
         group.close()
-    return Summary(out, len(ranges), round(computed), len(done), total, group.world, seconds, busy_s, write_s)
+    return Summary(out, len(ranges), round(computed), len(done), total, group.world, seconds, busy_s, write_s, cpu_s)
 
 
 def _rows(c: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
