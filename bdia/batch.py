@@ -461,7 +461,7 @@ class Summary:
     (already on disk), ``samples`` computed, wall ``seconds`` between the start and end barriers, and time
     summed over ranks spent in shards (``busy_seconds``), in writing them (``write_seconds``) and the CPU time
     the ranks used in shards (``cpu_seconds``: below ``busy_seconds`` when they waited for a device or for a
-    core that other work held)."""
+    core that other work held, above it with several threads per rank)."""
 
     out: Path
     shards: int

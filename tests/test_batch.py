@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import signal
 import struct
@@ -24,8 +25,8 @@ import bdia
 from bdia import batch, digits
 from bdia.__main__ import main
 from bdia.models import GaussianMixture
-from bdia.schedules import DiscreteVP
-from bdia.solvers import BDIA, DDIM, EDICT
+from bdia.schedules import EDM, DiscreteVP
+from bdia.solvers import BDIA, DDIM, EDICT, Heun
 
 ROOT = Path(__file__).resolve().parent.parent
 EPS64, EPS32 = torch.finfo(torch.float64).eps, torch.finfo(torch.float32).eps
@@ -140,6 +141,17 @@ def test_the_library_adds_no_batch_dependence(tmp_path):
     z = batch.noise(5, 7, (16,))[None]
     one = bdia.sample(model, z, ts, BDIA(DDIM(), 1.0), labels=labels[7:8])
     assert torch.equal(one.x[0], out[6].state.x[7])
+
+
+def test_fresh_noise_is_scaled_to_the_marginal_at_the_first_time(tmp_path):
+    """Under EDM (alpha = 1, sigma = 80 at the start) sample i starts from sqrt(1 + 80^2) noise(seed, i)."""
+    model = GaussianMixture.random(EDM(), dim=4, components=2, std=0.5, seed=0)
+    ts = EDM().timesteps(4)
+    batch.sample_dataset(model, ts, BDIA(Heun(), 1.0), tmp_path, num=3, shape=(4,), seed=9, shard_size=3, device="cpu")
+    scale = math.sqrt(1 + 80.0**2)
+    z = torch.stack([batch.noise(9, i, (4,), torch.float32, scale) for i in range(3)])
+    assert torch.equal(batch.load_dataset(tmp_path).state.x, bdia.sample(model, z, ts, BDIA(Heun(), 1.0)).x)
+    assert batch.read_manifest(tmp_path)["source"]["scale"] == scale
 
 
 def test_kill_one_rank_then_resume_gives_the_uninterrupted_set(tmp_path, monkeypatch):
