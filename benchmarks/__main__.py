@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "gradients": "benchmarks.gradients",  # gradient through sampling: peak memory and time vs N
     "quality": "benchmarks.quality",  # trained digits model: class accuracy and digits-FD vs NFE, with/without CFG
     "diffusers": "benchmarks.diffusers",  # BDIAScheduler.step vs DDIMScheduler.step; end to end through an SD pipeline
+    "throughput": "benchmarks.throughput",  # bdia sample: samples/s at 1 and 2 processes, shard-writing share
 }
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("scipy")
 pytest.importorskip("matplotlib")
 
 from benchmarks import __main__ as cli
-from benchmarks import accuracy, inversion, speed
+from benchmarks import accuracy, inversion, speed, throughput
 
 
 def _written(tmp_path, name: str, pngs: list[str]) -> dict:
@@ -116,6 +116,15 @@ def test_diffusers_quick(tmp_path):
     assert out["per_step"]["gamma0_vs_ddim_max_rel"] < 1e-5  # gamma = 0 is DDIMScheduler's walk, to rounding
     runs = {r["run"] for r in out["end_to_end"]["rows"]}
     assert {"pipeline, DDIMScheduler", "pipeline, BDIAScheduler gamma=1", "bdia.diffusers.sample gamma=1"} == runs
+
+
+def test_throughput_quick(tmp_path):
+    pytest.importorskip("safetensors")
+    out = throughput.run(quick=True, results_dir=tmp_path / "results", img_dir=tmp_path / "img")
+    data = _written(tmp_path, "throughput", [])
+    assert [r["processes"] for r in data["rows"]] == [1, 2] and data["identical_files"] is True
+    assert all(r["samples/s (loop)"] > 0 and 0 < r["writing share"] < 1 for r in out["rows"])
+    assert all(run["samples"] == 12 and run["world_size"] == int(p) for p, rs in out["runs"].items() for run in rs)
 
 
 def test_command_line_registry_and_errors(capsys):
