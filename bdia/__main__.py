@@ -255,7 +255,7 @@ def _setup(a: argparse.Namespace, stored: dict[str, Any] | None) -> _Setup:
         "model": spec,
         "guidance": guidance,
         "solver": solver_name,
-        "gamma": getattr(solver, "gamma", None) if solver_name == "bdia" else None,
+        "gamma": solver.gamma.constant if solver_name == "bdia" else None,
         "p": getattr(solver, "p", None),
     }
     return _Setup(model, ts, solver, dtype, device, conditions, description, choice)
