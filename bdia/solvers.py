@@ -173,6 +173,16 @@ class BDIA:
         ``t_prev`` is pure noise (alpha = 0). Inversion: ``c_i = 1 / gamma_i``, the factor ``unstep`` multiplies
         the newer latent by (``gamma^-N`` for a constant gamma). ``times``: the grid in sampling order.
         """
+        memo = self._plans.setdefault(schedule, {})
+        key = ("amplification", tuple(times), forward)
+        value = memo.get(key)
+        if value is None:  # (a walk asks once; the same grid is walked again and again)
+            value = self._amplification(schedule, times, forward)
+            if len(memo) < 1 << 12:
+                memo[key] = value
+        return value
+
+    def _amplification(self, schedule: Schedule, times: list[float], forward: bool) -> float:
         total = 1.0
         for t_prev, t, t_next in zip(times, times[1:], times[2:], strict=False):
             lo, hi = self.gamma.bounds(schedule, t_prev, t, t_next)

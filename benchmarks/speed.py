@@ -185,6 +185,10 @@ def default_path(repeats: int, shape: tuple[int, ...], steps: int = 20, device: 
         for t in sched.timesteps:
             z = sched.step(out, t, z, return_dict=False)[0]
 
+    def adds() -> None:  # each result dropped at once, as a walk drops its old latents
+        for _ in range(steps):
+            torch.add(x, out)
+
     fns = {
         "torch.add (floor)": lambda: [torch.add(x, out) for _ in range(steps)],
         "diffusers DDIMScheduler.step": diffusers_loop,
