@@ -224,7 +224,6 @@ class FiniteCheck:
         self.grid, self.solver = grid, solver
         dtype = torch.float32 if like.element_size() < 4 else like.dtype
         self.sums = torch.zeros(len(grid), 2, dtype=dtype, device=like.device)
-        self._slots = self.sums.unbind(0)  # one (2,) view per grid point, made once
         self._dims = tuple(range(like.dim()))
 
     def record(self, j: int, state: State, forward: bool) -> None:
@@ -232,7 +231,7 @@ class FiniteCheck:
         if torch.is_grad_enabled() and (state.x.requires_grad or state.x_prev.requires_grad):
             with torch.no_grad():  # a check, not part of any graph (and out= is not differentiable)
                 return self.record(j, state, forward)
-        slot, dt = self._slots[j], self.sums.dtype
+        slot, dt = self.sums[j], self.sums.dtype  # (a view made per step: views kept for every step would grow with N)
         torch.sum(state.x if forward or state.coupled else state.x_prev, dim=self._dims, dtype=dt, out=slot[0])
         if state.coupled:
             torch.sum(state.x_prev, dim=self._dims, dtype=dt, out=slot[1])
