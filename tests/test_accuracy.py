@@ -28,7 +28,7 @@ import bdia
 from bdia.models import GaussianMixture
 from bdia.reference import solve
 from bdia.schedules import VP, DiscreteVP
-from bdia.solvers import BDIA, DDIM, Euler, Heun, obelm_gamma
+from bdia.solvers import BDIA, DDIM, OBELM, DPMSolver2, Euler, Heun, ScaledHeun, obelm_gamma
 
 pytest.importorskip("scipy")
 
@@ -42,6 +42,16 @@ SOLVERS = {
     "bdia-1": (BDIA(DDIM(), gamma=1.0), SECOND),
     "bdia-obelm": (BDIA(DDIM(), gamma=obelm_gamma), SECOND),
     "bdia-0.5": (BDIA(DDIM(), gamma=0.5), FIRST),
+    "obelm-bounded": (OBELM(max_root=1.0), SECOND),
+    "scaled-heun": (ScaledHeun(), SECOND),
+    "dpm-solver-2": (DPMSolver2(), SECOND),
+    # BDIA over a second-order integrator: the correction's error is the backward step's, so a first-order
+    # backward step (the default: Euler for Heun, DDIM for the scaled ones) makes it first order for gamma > 0,
+    # and a second-order one keeps order 2 at any gamma
+    "bdia-heun-euler-1": (BDIA(Heun(), gamma=1.0), FIRST),
+    "bdia-scaled-heun-ddim-0.5": (BDIA(ScaledHeun(), gamma=0.5), FIRST),
+    "bdia-heun-heun-0.5": (BDIA(Heun(), gamma=0.5, backward=Heun()), SECOND),
+    "bdia-dpm2-dpm2-0.5": (BDIA(DPMSolver2(), gamma=0.5, backward=DPMSolver2()), SECOND),
 }
 
 
