@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "speed": "benchmarks.speed",  # per-step overhead vs diffusers and a torch.add floor; end to end; memory
     "gradients": "benchmarks.gradients",  # gradient through sampling: peak memory and time vs N
     "quality": "benchmarks.quality",  # trained digits model: class accuracy and digits-FD vs NFE, with/without CFG
+    "trained": "benchmarks.trained",  # trained digits model: ODE error vs NFE against a fine solution; O-BELM's gamma
 }
 
 
