@@ -16,7 +16,7 @@ import torch
 
 from bdia.schedules import Schedule
 
-__all__ = ["Constant", "Gamma", "PerSample", "PerStep", "as_gamma", "obelm_gamma"]
+__all__ = ["BoundedOBELM", "Constant", "Gamma", "PerSample", "PerStep", "as_gamma", "obelm_gamma"]
 
 GammaFn = Callable[[Schedule, float, float, float], float]
 
@@ -148,3 +148,35 @@ def obelm_gamma(schedule: Schedule, t_prev: float, t: float, t_next: float) -> f
     if math.isinf(h_ip1):  # the previous point is pure noise (alpha = 0): no usable history
         return 0.0
     return (h_i / h_ip1) ** 2 * schedule.at(t_next).alpha / schedule.at(t_prev).alpha
+
+
+class BoundedOBELM:
+    """O-BELM's per-step gamma with its parasitic root bounded: ``gamma_i = min(obelm_gamma, max_root alpha(t_next) /
+    alpha(t_prev))``, i.e. ``a_i = (h_i / h_{i+1})^2`` capped at ``max_root`` (docs/theory.md, "O-BELM near t = 0").
+
+    Why: where the steps in ``sbar`` grow from one step to the next (``h_i > h_{i+1}``: the last steps of a grid
+    uniform in a discrete VP schedule's index, where ``sbar ~ sqrt(t)``), O-BELM's minimum-local-error coefficients
+    extrapolate: ``gamma_i`` reaches 5 on a 100-step trailing grid, and the noise prediction enters with weight
+    ``h_i (h_i + h_{i+1}) / h_{i+1}``, three times DDIM's. On exact predictions that is harmless (the analytic
+    mixtures); on a trained network it amplifies the network's error where it is largest, next to clean data.
+    Capping ``a_i`` at 1 leaves every step with ``h_i <= h_{i+1}`` as published (second order where the grid is smooth
+    in ``sbar``, since there ``a_i = 1 + O(h)``), never amplifies the parasitic mode, and keeps ``gamma_i > 0``, so the
+    walk stays exactly invertible. A function of the times alone, like ``obelm_gamma``.
+    """
+
+    def __init__(self, max_root: float = 1.0):
+        if isinstance(max_root, bool) or not isinstance(max_root, int | float):
+            raise TypeError(f"max_root must be a float > 0, got {type(max_root).__name__}")
+        if not (math.isfinite(max_root) and max_root > 0):
+            raise ValueError(f"max_root must be finite and > 0 (1: no amplified parasitic root), got {max_root}")
+        self.max_root = float(max_root)
+
+    def __call__(self, schedule: Schedule, t_prev: float, t: float, t_next: float) -> float:
+        g = obelm_gamma(schedule, t_prev, t, t_next)
+        a_prev = schedule.at(t_prev).alpha
+        if a_prev == 0:  # obelm_gamma is 0 there already
+            return g
+        return min(g, self.max_root * schedule.at(t_next).alpha / a_prev)
+
+    def __repr__(self) -> str:
+        return f"BoundedOBELM(max_root={self.max_root})"

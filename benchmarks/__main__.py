@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "quality": "benchmarks.quality",  # trained digits model: class accuracy and digits-FD vs NFE, with/without CFG
     "diffusers": "benchmarks.diffusers",  # BDIAScheduler.step vs DDIMScheduler.step; end to end through an SD pipeline
     "throughput": "benchmarks.throughput",  # bdia sample: samples/s at 1 and 2 processes, shard-writing share
+    "trained": "benchmarks.trained",  # trained digits model: ODE error vs NFE against a fine solution; O-BELM's gamma
 }
 
 

@@ -11,6 +11,14 @@ the mixture's probability-flow ODE is ``d xbar/d sbar = sum_k r_k(xbar, sbar) sb
 sbar^2)`` for any schedule (alpha cancels from the posterior weights ``r_k``), integrated here with
 scipy's DOP853 at rtol = atol = 1e-12 and checked against a run at 1e-10.
 
+Orders are fitted on the 128-d problem, whose slopes do not depend on the mixture's draw; the 2-d problem is run
+for two draws (seeds 0 and 1) to show how much a low-dimensional fit moves. EDICT is also run to 800 steps, where
+its asymptotic order shows.
+
+BDIA over EDM's Heun: on an EDM schedule and Karras grid, BDIA(Heun) with each backward-step choice (Euler, which
+is DDIM on EDM, or Heun) and a gamma sweep, against Heun and BDIA(Euler): ODE error of samples and distance of
+inverted data to the true latent.
+
 Also a gamma x NFE heat map for BDIA-DDIM (the authors recommend gamma 0.5 at 10 steps and 1 at 40;
 another group reported 0.1 as best on CIFAR-10): here measured as ODE error, not as FID.
 """
@@ -29,8 +37,8 @@ import torch
 import bdia
 from bdia.models import CountNFE, GaussianMixture
 from bdia.report import relative_error
-from bdia.schedules import VP, DiscreteVP, Schedule
-from bdia.solvers import BDIA, DDIM, EDICT, OBELM, Euler, Heun
+from bdia.schedules import EDM, VP, DiscreteVP, Schedule
+from bdia.solvers import BDIA, DDIM, EDICT, OBELM, DPMSolver2, Euler, Heun, ScaledHeun
 from benchmarks import heatmap, loglog_slope, outputs, print_table, pyplot, save, threads
 
 __all__ = ["PROBLEMS", "SETTINGS", "methods", "run", "solve_reference"]
@@ -53,8 +61,15 @@ def methods() -> dict[str, Callable[[], Any]]:
         "BDIA g=1": lambda: BDIA(DDIM(), 1.0),
         "BDIA g_i: a=1": lambda: BDIA(DDIM(), a_one_gamma),
         "O-BELM": OBELM,
+        "O-BELM bounded": lambda: OBELM(max_root=1.0),
         "EDICT p=0.93": EDICT,
+        "EDICT p=0.93, alternate": lambda: EDICT(alternate=True),
+        "ScaledHeun": ScaledHeun,
+        "DPM-Solver-2": DPMSolver2,
         "BDIA-Heun g=1": lambda: BDIA(Heun(), 1.0),
+        "BDIA-Heun g=0.5, Heun back": lambda: BDIA(Heun(), 0.5, backward=Heun()),
+        "BDIA-ScaledHeun g=0.5": lambda: BDIA(ScaledHeun(), 0.5),
+        "BDIA-DPM2 g=0.5": lambda: BDIA(DPMSolver2(), 0.5),
     }
 
 
@@ -66,10 +81,11 @@ SETTINGS: dict[str, tuple[Schedule, Callable[[int], torch.Tensor], float]] = {
     "VP uniform": (VP(), lambda n: VP().timesteps(n), 1.0),
 }
 
-# name -> (dim, components, std, batch)
-PROBLEMS: dict[str, tuple[int, int, float, int]] = {
-    "GMM 2-d": (2, 8, 0.2, 256),
-    "GMM 128-d": (128, 10, 0.3, 32),
+# name -> (dim, components, std, batch, seed of the mixture's draw)
+PROBLEMS: dict[str, tuple[int, int, float, int, int]] = {
+    "GMM 2-d": (2, 8, 0.2, 256, 0),
+    "GMM 2-d, seed 1": (2, 8, 0.2, 256, 1),
+    "GMM 128-d": (128, 10, 0.3, 32, 0),
 }
 
 
@@ -121,8 +137,8 @@ def solve_reference(
     return {t: sch.alpha_sigma(t)[0] * at_sbar[sch.snr_sbar(t)] for t in times}
 
 
-def _case(problem: str, setting: str, ns: list[int], tol: float, seed: int = 0):
-    dim, K, std, batch = PROBLEMS[problem]
+def _case(problem: str, setting: str, ns: list[int], tol: float):
+    dim, K, std, batch, seed = PROBLEMS[problem]
     schedule, grid_of, t_top = SETTINGS[setting]
     gmm = GaussianMixture.random(schedule, dim=dim, components=K, std=std, seed=seed)
     grids = {n: grid_of(n) for n in ns}
@@ -234,6 +250,79 @@ def _plot_heatmaps(maps: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _edict_long(quick: bool, tol: float) -> list[dict]:
+    ns = [20, 40] if quick else [100, 200, 400, 800]
+    gmm, grids, ref = _case("GMM 128-d", "VP uniform", ns, tol)
+    out = []
+    for name in ("EDICT p=0.93", "EDICT p=0.93, alternate"):
+        solver = methods()[name]
+        errs = [
+            relative_error(bdia.sample(gmm, ref[float(grids[n][0])], grids[n], solver()).x, ref[float(grids[n][-1])])
+            for n in ns
+        ]
+        out.append({"method": name, "steps": ns, "error": errs, "order": -loglog_slope(ns, errs)})
+    return out
+
+
+EDM_METHODS: dict[str, Callable[[float], Any]] = {
+    "BDIA-Euler": lambda g: BDIA(Euler(), g),
+    "BDIA-Heun, Euler back": lambda g: BDIA(Heun(), g, backward=Euler()),
+    "BDIA-Heun, Heun back": lambda g: BDIA(Heun(), g, backward=Heun()),
+}
+
+
+def _edm(quick: bool, tol: float) -> dict:
+    """BDIA over EDM's Heun. On EDM (alpha = 1) DDIM is Euler, so the backward choices are Euler and Heun."""
+    sch = EDM()
+    ns = [5, 9, 18] if quick else [5, 9, 18, 36, 72]
+    gammas = [0.5, 1.0] if quick else [0.2, 0.3, 0.5, 0.8, 1.0]
+    gmm = GaussianMixture.random(sch, dim=64, components=8, std=0.3, seed=3)
+    batch = 8 if quick else 64
+    z = torch.randn(batch, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 80.0
+    data = solve_reference(gmm, z, 80.0, [0.0], tol)[0.0]
+    model = CountNFE(gmm)
+    rows = []
+
+    def measure(name: str, g: float | None, make: Callable[[], Any]) -> None:
+        for n in ns:
+            grid = sch.timesteps(n)
+            model.calls = 0
+            err = relative_error(bdia.sample(model, z, grid, make()).x, data)
+            nfe = model.calls
+            lat = math.nan
+            if g is None or g > 0:
+                inv = bdia.invert(gmm, data, grid, make(), max_amplification=math.inf)
+                lat = relative_error(inv.x, z)
+            rows.append({"method": name, "gamma": g, "steps": n, "NFE": nfe, "error": err, "inverted latent": lat})
+
+    measure("Euler", None, Euler)
+    measure("Heun", None, Heun)
+    for name, make in EDM_METHODS.items():
+        for g in gammas:
+            measure(name, g, lambda make=make, g=g: make(g))
+    return {"gammas": gammas, "steps": ns, "rows": rows, "note": "inverted latent: Euler and Heun are approximate"}
+
+
+def _plot_edm(rows: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key, ax in zip(("error", "inverted latent"), axes, strict=True):
+        for name in dict.fromkeys(r["method"] for r in rows):
+            for g in dict.fromkeys(r["gamma"] for r in rows if r["method"] == name):
+                if g not in (None, 0.3, 1.0):
+                    continue
+                pts = sorted((r["NFE"], r[key]) for r in rows if r["method"] == name and r["gamma"] == g)
+                label = name if g is None else f"{name}, g={g:g}"
+                ls = "-" if g is None else ("--" if g == 1.0 else ":")
+                ax.loglog([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", ms=3, label=label)
+        ax.set(xlabel="NFE", title=f"EDM, GMM 64-d: {key} (relative L2)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def run(quick: bool = False, results_dir: Path | None = None, img_dir: Path | None = None) -> dict:
     results_dir, img_dir = outputs(quick, results_dir, img_dir)
     with threads(1):
@@ -269,17 +358,26 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
                 other, ref[float(grid[-1])]
             )
     print(f"reference self-checks: {checks}")
+    edict_long = _edict_long(quick, tol)
+    print_table(edict_long, "EDICT at many steps (GMM 128-d, VP uniform): the asymptotic order")
+    edm = _edm(quick, tol)
+    print_table(edm["rows"], "BDIA over EDM's Heun (GMM 64-d, EDM, Karras grid): error and inverted latent")
     img_dir = Path(img_dir)
     img_dir.mkdir(parents=True, exist_ok=True)
     _plot_curves(rows, img_dir / "accuracy_vs_nfe.png")
     _plot_heatmaps(maps, img_dir / "accuracy_gamma_heatmap.png")
+    _plot_edm(edm["rows"], img_dir / "accuracy_edm.png")
     payload = {
         "quick": quick,
         "reference": {"method": "scipy DOP853 in (xbar, sbar)", "rtol": tol, "atol": tol, "self_check": checks},
-        "problems": {k: dict(zip(("dim", "components", "std", "batch"), v, strict=True)) for k, v in PROBLEMS.items()},
+        "problems": {
+            k: dict(zip(("dim", "components", "std", "batch", "seed"), v, strict=True)) for k, v in PROBLEMS.items()
+        },
         "rows": rows,
         "orders": orders,
         "gamma_heatmaps": maps,
+        "edict_long": edict_long,
+        "edm": edm,
         "seconds": time.perf_counter() - t0,
     }
     save(results_dir, "accuracy", payload)

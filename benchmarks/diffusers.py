@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bdia.report import relative_error
 from benchmarks import IMG, RESULTS, interleaved, print_table, pyplot, save, threads
 
 __all__ = ["run"]
@@ -119,10 +120,6 @@ def end_to_end(steps: int, repeats: int) -> dict:
     return {"repeats": repeats, "rows": rows}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def exactness(steps: int) -> dict:
     """Parity and round trips through the tiny pipeline (CFG 3.0, Stable Diffusion 1.5's scheduler config), in
     float32 and float64 (the same weights, cast): relative L2 errors."""
@@ -178,14 +175,14 @@ def exactness(steps: int) -> dict:
         rows.append(
             {
                 "dtype": str(dtype).removeprefix("torch."),
-                "gamma=0 vs DDIMScheduler": _rel(bdia0, ddim),
+                "gamma=0 vs DDIMScheduler": relative_error(bdia0, ddim),
                 "scheduler vs bdia.sample (no CFG), bitwise": bool(torch.equal(unguided, ref.x)),
-                "noise->pipe->invert": _rel(z.x, noise),
-                "pair->invert->sample": _rel(again, sampled),
-                "image->invert->sample": _rel(edit_same, latent),
+                "noise->pipe->invert": relative_error(z.x, noise),
+                "pair->invert->sample": relative_error(again, sampled),
+                "image->invert->sample": relative_error(edit_same, latent),
                 "image: max |latent|": float(latent.abs().max()),
                 "image walk: max |x|/alpha": reach[0],
-                "DDIM inversion: image->invert->sample": _rel(ddim_back, latent),
+                "DDIM inversion: image->invert->sample": relative_error(ddim_back, latent),
             }
         )
     return {"steps": steps, "guidance_scale": 3.0, "rows": rows}

@@ -10,7 +10,9 @@ at any grid's first time is that reference trajectory there. For each solver, N 
   BDIA and O-BELM; EDICT starts both copies on the data), sample back; distance to the data;
 - the inverted latent of the data: its distance to the true latent, and its standard deviation (noise has 1).
 
-All distances are relative L2 over the batch, computed in float64; "inf" means the walk overflowed.
+"DDIM inversion" is ``DDIMInverse`` (the model evaluated at each inversion step's destination, as diffusers'
+``DDIMInverseScheduler`` and null-text inversion run it); "eps at start" is ``DDIM().unstep``. Sampling is DDIM for
+both. All distances are relative L2 over the batch, computed in float64; "inf" means the walk overflowed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import bdia
 from bdia.models import GaussianMixture
 from bdia.report import relative_error
-from bdia.solvers import BDIA, DDIM, EDICT, OBELM
+from bdia.solvers import BDIA, DDIM, EDICT, OBELM, DDIMInverse
 from benchmarks import heatmap, outputs, print_table, pyplot, save, threads
 from benchmarks.accuracy import SD, solve_reference
 
@@ -40,13 +42,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def methods() -> dict[str, Callable[[], Any]]:
     return {
-        "DDIM inversion": DDIM,
+        "DDIM inversion": DDIMInverse,  # as diffusers' DDIMInverseScheduler and null-text inversion run it
+        "DDIM inversion, eps at start": DDIM,  # Song et al.'s: the model at the step's start
         "BDIA g=1": lambda: BDIA(DDIM(), 1.0),
         "BDIA g=0.94": lambda: BDIA(DDIM(), 0.94),
         "BDIA g=0.8": lambda: BDIA(DDIM(), 0.8),
         "BDIA g=0.5": lambda: BDIA(DDIM(), 0.5),
         "O-BELM": OBELM,
+        "O-BELM bounded": lambda: OBELM(max_root=1.0),
         "EDICT p=0.93": EDICT,
+        "EDICT p=0.93, alternate": lambda: EDICT(alternate=True),
     }
 
 

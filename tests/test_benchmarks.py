@@ -43,6 +43,33 @@ def test_accuracy_quick(tmp_path):
             assert errs == sorted(errs, reverse=True)
     for m in out["gamma_heatmaps"]:
         assert len(m["error"]) == len(m["gammas"]) and all(len(row) == len(m["steps"]) for row in m["error"])
+    # BDIA over EDM's Heun: every backward choice and gamma at every N; a Heun backward step costs one more NFE
+    edm = out["edm"]["rows"]
+    assert {r["method"] for r in edm} == {"Euler", "Heun", *accuracy.EDM_METHODS}
+    by = {(r["method"], r["gamma"], r["steps"]): r for r in edm}
+    n = out["edm"]["steps"][-1]
+    assert by[("BDIA-Heun, Heun back", 1.0, n)]["NFE"] > by[("BDIA-Heun, Euler back", 1.0, n)]["NFE"]
+    assert all(0 < r["error"] < math.inf for r in edm)
+    assert len(out["edict_long"]) == 2 and all(len(r["error"]) == len(r["steps"]) for r in out["edict_long"])
+
+
+def test_trained_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks import trained
+
+    out = trained.run(quick=True, results_dir=tmp_path / "results", img_dir=tmp_path / "img")
+    _written(tmp_path, "trained", ["trained_accuracy.png"])
+    assert {r["method"] for r in out["rows"]} == set(trained.methods(quick=True))
+    assert all(0 < r["error"] < 1 and r["NFE"] <= r["NFE budget"] for r in out["rows"])
+    # the reference is far closer to its cross-check than any solver is to the reference
+    assert out["reference"]["distance of other fine solutions"]["DPM-Solver-2"] < 0.1 * min(
+        r["error"] for r in out["rows"]
+    )
+    ddim = sorted((r["NFE"], r["error"]) for r in out["rows"] if r["method"] == "DDIM")
+    assert ddim[0][1] > ddim[-1][1]
+    # the published O-BELM gamma extrapolates on the last step of these grids; the bound keeps its root at 1
+    for g in out["obelm_gamma"]:
+        assert g["max published gamma"] > 2 and max(g["bounded, last 3"]) < 1.2
 
 
 def test_inversion_quick(tmp_path):
