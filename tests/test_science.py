@@ -21,6 +21,7 @@ import torch
 import bdia
 from bdia.gamma import BoundedOBELM, obelm_gamma
 from bdia.models import CountNFE, GaussianMixture, Prediction
+from bdia.report import relative_error
 from bdia.schedules import EDM, VP, DiscreteVP
 from bdia.solvers import (
     BDIA,
@@ -45,10 +46,6 @@ def _mixture(schedule=SD, dim: int = 8, seed: int = 1) -> GaussianMixture:
 
 def _noise(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 # ----------------------------------------------------------------------------------------------- DDIMInverse
@@ -88,7 +85,7 @@ def test_ddim_inverse_differs_from_ddim_inversion_only_when_inverting():
     assert torch.equal(bdia.sample(model, z, grid, DDIMInverse()).x, bdia.sample(model, z, grid, DDIM()).x)
     data = model.sample(6, torch.Generator().manual_seed(3))
     a, b = bdia.invert(model, data, grid, DDIMInverse()).x, bdia.invert(model, data, grid, DDIM()).x
-    assert _rel(a, b) > 1e-3
+    assert relative_error(a, b) > 1e-3
     assert isinstance(DDIMInverse().first_order, DDIM) and type(DDIMInverse().first_order) is DDIM
     assert repr(DDIMInverse()) == "DDIMInverse()"
 
@@ -100,8 +97,8 @@ def test_ddim_inverse_round_trips_closer_than_ddim_inversion_on_the_mixture():
     grid = SD.timesteps(50, "leading", steps_offset=1)
     z = _noise(32, 64, seed=4)
     x = bdia.sample(model, z, grid, DDIM()).x
-    err_dest = _rel(bdia.invert(model, x, grid, DDIMInverse()).x, z)
-    err_start = _rel(bdia.invert(model, x, grid, DDIM()).x, z)
+    err_dest = relative_error(bdia.invert(model, x, grid, DDIMInverse()).x, z)
+    err_start = relative_error(bdia.invert(model, x, grid, DDIM()).x, z)
     assert err_dest < 0.8 * err_start, (err_dest, err_start)
 
 
@@ -168,10 +165,13 @@ def test_edict_alternate_round_trips_exactly_and_differs_from_the_paper_order(n)
     solver = EDICT(alternate=True)
     out = bdia.sample(model, z, grid, solver)
     back = bdia.invert(model, out, grid, solver)
-    assert _rel(back.x, z) < 10 * n * 2.2e-16 and _rel(back.x_prev, z) < 10 * n * 2.2e-16
+    assert relative_error(back.x, z) < 10 * n * 2.2e-16 and relative_error(back.x_prev, z) < 10 * n * 2.2e-16
     data = model.sample(8, torch.Generator().manual_seed(6))
-    assert _rel(bdia.sample(model, bdia.invert(model, data, grid, solver), grid, solver).x, data) < 10 * n * 2.2e-16
-    assert _rel(out.x, bdia.sample(model, z, grid, EDICT()).x) > 1e-4
+    assert (
+        relative_error(bdia.sample(model, bdia.invert(model, data, grid, solver), grid, solver).x, data)
+        < 10 * n * 2.2e-16
+    )
+    assert relative_error(out.x, bdia.sample(model, z, grid, EDICT()).x) > 1e-4
 
 
 def test_edict_state_saves_its_parity(tmp_path):
@@ -291,7 +291,7 @@ def test_bdia_over_scaled_integrators_inverts_exactly(integrator):
     z = _noise(6, 8)
     solver = BDIA(integrator, 1.0)
     out = bdia.sample(model, z, grid, solver)
-    assert _rel(bdia.invert(model, out, grid, solver).x, z) < 1e-13
+    assert relative_error(bdia.invert(model, out, grid, solver).x, z) < 1e-13
 
 
 # ----------------------------------------------------------------------------------------------- O-BELM, bounded
@@ -321,9 +321,9 @@ def test_obelm_max_root_is_an_option_and_the_default_is_published():
     assert repr(bounded) == "OBELM(max_root=1.0)" and bounded.order == 2 and bounded.nfe == 1
     assert bounded.amplification(SD, grid.tolist(), True) == 1.0 < OBELM().amplification(SD, grid.tolist(), True)
     a, b = bdia.sample(model, z, grid, OBELM()).x, bdia.sample(model, z, grid, bounded).x
-    assert _rel(a, b) > 1e-6  # the last steps differ
+    assert relative_error(a, b) > 1e-6  # the last steps differ
     out = bdia.sample(model, z, grid, bounded)
-    assert _rel(bdia.invert(model, out, grid, bounded).x, z) < 1e-12
+    assert relative_error(bdia.invert(model, out, grid, bounded).x, z) < 1e-12
 
 
 @pytest.mark.parametrize("bad,err", [(0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError), ("1", TypeError)])
