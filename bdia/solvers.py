@@ -119,7 +119,8 @@ class BDIA:
     float in [0, 1], a ``(batch,)`` tensor of them, a per-step function ``gamma(schedule, t_prev, t, t_next)``
     (e.g. ``obelm_gamma``), or a ``bdia.gamma.Gamma``. gamma = 0 is the plain integrator; gamma = 1 the symmetric
     scheme. Order: 2 for gamma = 1 with the same method both ways (a leapfrog-type scheme) and for O-BELM's gamma,
-    else 1. Inversion divides by gamma: rounding errors grow like ``gamma^-N`` (docs/theory.md), and inverting with
+    else the lower of the integrator's and the backward step's (1 with the default first-order backward step).
+    Inversion divides by gamma: rounding errors grow like ``gamma^-N`` (docs/theory.md), and inverting with
     gamma = 0 is an error. The walk's first step is a plain integrator step (there is no older point yet).
     """
 
@@ -137,10 +138,14 @@ class BDIA:
         self.nfe = self.integrator.nfe + self.backward.nfe - 1
         symmetric = self.gamma.constant == 1.0 and type(self.backward) is type(self.integrator)
         obelm = getattr(self.gamma, "fn", None) is obelm_gamma
+        # The correction gamma (x_prev - Phi_b(x)) carries the backward step's local error: the scheme keeps the
+        # lower of the two orders, except the symmetric gamma = 1 scheme and O-BELM, where the leading errors cancel
         if self.gamma.constant == 0.0:
             self.order = self.integrator.order
+        elif symmetric or obelm:
+            self.order = max(2, self.integrator.order)
         else:
-            self.order = max(2, self.integrator.order) if symmetric or obelm else 1
+            self.order = min(self.integrator.order, self.backward.order)
         # F's coefficients on (x, x0, eps) per schedule and grid point, for affine integrators; weak in the
         # schedule, so that a schedule built per request is freed with its model
         self._plans: weakref.WeakKeyDictionary[Schedule, dict] = weakref.WeakKeyDictionary()

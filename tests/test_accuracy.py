@@ -127,6 +127,12 @@ def test_empirical_order(problem, name):
     assert lo <= order <= hi, f"{name}: errors {errors} at N = {NS}, fitted order {order:.3f} not in [{lo}, {hi}]"
 
 
+@pytest.mark.parametrize("name", list(SOLVERS))
+def test_the_order_a_solver_reports_is_the_one_measured(name):
+    solver, bracket = SOLVERS[name]
+    assert solver.order == (1 if bracket == FIRST else 2)
+
+
 def test_bad_input_to_the_reference():
     s = VP()
     gmm = GaussianMixture.random(s, dim=2)

@@ -28,12 +28,12 @@ from bdia.models import CountNFE, GaussianMixture
 from bdia.report import format_table, relative_error
 from bdia.sampling import invert, sample
 from bdia.schedules import DiscreteVP
-from bdia.solvers import BDIA, DDIM, EDICT
+from bdia.solvers import BDIA, DDIM, EDICT, DDIMInverse
 
 
 def gmm_methods():
     return {
-        "DDIM inversion": DDIM(),
+        "DDIM inversion": DDIMInverse(),
         "BDIA gamma=1": BDIA(DDIM(), gamma=1.0),
         "BDIA gamma=0.5": BDIA(DDIM(), gamma=0.5),
     }
@@ -78,7 +78,11 @@ def print_table(rows: list[dict]) -> None:
 
 
 def digits_methods() -> dict:
-    return {"DDIM inversion": DDIM(), "BDIA gamma=1": BDIA(DDIM(), gamma=1.0), "EDICT p=0.93": EDICT(DDIM(), p=0.93)}
+    return {
+        "DDIM inversion": DDIMInverse(),
+        "BDIA gamma=1": BDIA(DDIM(), gamma=1.0),
+        "EDICT p=0.93": EDICT(DDIM(), p=0.93, alternate=True),
+    }
 
 
 def pick_digits(count: int) -> tuple[torch.Tensor, torch.Tensor]:
