@@ -46,7 +46,7 @@ IMG = ROOT / "docs" / "img"
 @contextmanager
 def threads(n: int = 1) -> Iterator[None]:
     """Run with ``n`` intra-op threads, then restore. One by default: on a small shared CPU, torch's thread pool
-    turns a 70 us softmax on a (256, 8) tensor into 12 ms of spinning (measured on the 2-core build machine),
+    turns a 70 us softmax on a (256, 8) tensor into 12 ms of spinning (measured on a shared 2-core CPU),
     and single-thread timings are the ones that compare fairly across machines."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)

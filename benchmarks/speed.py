@@ -1,4 +1,4 @@
-"""Speed and memory, all ratios measured side by side in one run on this machine.
+"""Speed and memory, all ratios measured side by side in one run.
 
 1. Per-step solver overhead on 4x4x64x64 float32 latents, the model excluded: diffusers'
    ``DDIMScheduler.step``, a ``torch.add`` over the same tensors (the memory floor: one allocation and one

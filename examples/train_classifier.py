@@ -4,8 +4,8 @@ A small conv net (``bdia.digits.nets.DigitsClassifier``) trained with cross-entr
 as the diffusion model (the held-out digits in ``bdia/digits/data`` are excluded and used only to report accuracy),
 with random one-pixel shifts as augmentation. Fixed seed, deterministic CPU kernels; about a minute.
 
-    /work/venv/bin/python examples/train_classifier.py
-    /work/venv/bin/python examples/train_classifier.py --smoke --out /tmp/x
+    python examples/train_classifier.py
+    python examples/train_classifier.py --smoke --out /tmp/x
 
 Needs scikit-learn (for the data set) and the held-out split written by ``examples/train_digits.py``
 (or it makes the same split itself when the file is missing in ``--out``).

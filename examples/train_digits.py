@@ -6,8 +6,8 @@ network is also the unconditional model of classifier-free guidance (Ho & Salima
 moving average of the weights is what gets shipped. Fixed seed, deterministic CPU kernels, a fixed
 class-stratified held-out split (``bdia.digits.split_indices``) that is saved next to the weights.
 
-    /work/venv/bin/python examples/train_digits.py            # about 8 minutes on 2 CPU cores
-    /work/venv/bin/python examples/train_digits.py --smoke --out /tmp/x   # a few steps, for the test suite
+    python examples/train_digits.py            # about 8 minutes on 2 CPU cores
+    python examples/train_digits.py --smoke --out /tmp/x   # a few steps, for the test suite
 
 Needs scikit-learn (for the data set), which the library itself does not.
 """
