@@ -252,7 +252,7 @@ def test_per_step_gamma_tensors_and_per_sample_copies():
 
 def test_unbounded_amplification_is_refused_before_any_model_call():
     gmm = CountNFE(model_for("sd", None))
-    bad = torch.tensor([999.0, 500.0, 500.0 - 1e-6, 0.0], dtype=torch.float64)  # O-BELM's gamma ~ 1e23 here
+    bad = torch.tensor([999.0, 500.0, 500.0 - 1e-6, 0.0], dtype=torch.float64)  # O-BELM's last gamma is 1.6e17 here
     with pytest.raises(ValueError, match="amplify rounding errors"):
         bdia.sample(gmm, _noise(), bad, OBELM())
     assert gmm.calls == 0
