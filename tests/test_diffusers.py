@@ -252,6 +252,27 @@ def test_model_from_conditional_unet_passes_conditioning_and_1d_timesteps():
         ref = net(x, 801, **cond).sample
     assert torch.equal(eps, ref)
     assert seen[0].shape == (2,) and seen[0].tolist() == [801.0, 801.0]
+    # guided: SDXL's dict of added conditioning is batched entry by entry with its unconditional counterpart
+    uncond = {
+        "encoder_hidden_states": torch.zeros(1, 5, 16),
+        "added_cond_kwargs": {"text_embeds": torch.zeros(1, 8), "time_ids": torch.randn(1, 6)},
+    }
+    with torch.no_grad():
+        guided = model_from(net, sched, guidance_scale=3.0, **uncond)(x, 801.0, **cond).eps
+        u = net(
+            x,
+            801,
+            encoder_hidden_states=uncond["encoder_hidden_states"].expand(2, -1, -1),
+            added_cond_kwargs={k: v.expand(2, -1) for k, v in uncond["added_cond_kwargs"].items()},
+        ).sample
+    batches = []
+    net.register_forward_pre_hook(
+        lambda m, args, kw: batches.append((args[0] if args else kw["sample"]).shape[0]), with_kwargs=True
+    )
+    with torch.no_grad():
+        model_from(net, sched, guidance_scale=3.0, **uncond)(x, 801.0, **cond)
+    assert batches == [4]  # one batched call for both halves
+    torch.testing.assert_close(guided, u + 3.0 * (ref - u), rtol=1e-5, atol=1e-5)
 
 
 def test_model_from_sd3_transformer_is_flow_matching_euler():
