@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import torch
 
 from bdia import digits
+from bdia.batch import write_png as write_image
 from bdia.models import CountNFE, GaussianMixture
 from bdia.report import format_table, relative_error
 from bdia.sampling import invert, sample
@@ -138,16 +137,8 @@ ERROR_GAIN = 4.0  # the error panel shows |rec - x| times this (one grey level o
 
 
 def write_png(path: Path, image: torch.Tensor) -> None:
-    """A grey-scale 8-bit PNG of ``image`` (H, W) in [0, 1] (0 = white), with the standard library only."""
-    a = ((1.0 - image.clamp(0, 1)) * 255).round().to(torch.uint8)
-    raw = b"".join(b"\x00" + bytes(row.tolist()) for row in a)  # filter type 0 on every scanline
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 0, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
+    """A grey-scale 8-bit PNG of ``image`` (H, W) in [0, 1] (1 = ink, drawn black), with the standard library only."""
+    write_image(path, (1.0 - 2.0 * image.clamp(0, 1))[None])  # [0, 1] ink -> [-1, 1] brightness
 
 
 def save_figure(path: Path, result: dict, rows: list[dict], title: str) -> None:
