@@ -165,20 +165,20 @@ class ExactState(State):
         f = self.fixed
         if f is None:
             return super().to(*args, **kwargs)  # type: ignore[return-value]
-        dtype = self.x.to(*args, **kwargs).dtype
-        device = self.x.to(*args, **kwargs).device
+        moved = torch.empty(0, dtype=self.x.dtype, device=self.x.device).to(*args, **kwargs)  # where and what
+        device = moved.device
         g = dataclasses.replace(
             f,
             X_prev=f.X_prev.to(device),
             X=f.X.to(device),
             buffer=f.buffer.to(device),
             stack=tuple(dataclasses.replace(sp, low=sp.low.to(device)) for sp in f.stack),
+            peak=None if f.peak is None else f.peak.to(device),
         )
-        xp = torch.where(
-            torch.isnan(self.x_prev).to(device), math.nan, dequantise(g.X_prev, f.frac_bits, torch.float64)
-        )
-        x = torch.where(torch.isnan(self.x).to(device), math.nan, dequantise(g.X, f.frac_bits, torch.float64))
-        return ExactState(xp.to(dtype), x.to(dtype), self.t_prev, self.t, self.coupled, g)
+        k, dt = f.frac_bits, moved.dtype
+        xp = dequantise(g.X_prev, k, dt, ~torch.isnan(self.x_prev).to(device))
+        x = dequantise(g.X, k, dt, ~torch.isnan(self.x).to(device))
+        return ExactState(xp, x, self.t_prev, self.t, self.coupled, g)
 
     def state_dict(self) -> dict[str, Any]:
         d = super().state_dict()

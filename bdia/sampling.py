@@ -136,7 +136,9 @@ def begin(
     if check_finite:
         parts = [x] if isinstance(x, torch.Tensor) else [x.x_prev, x.x]
         with torch.no_grad():  # (a check, not part of any graph; a sum, not a full-size boolean temporary)
-            finite = all(bool(torch.isfinite(_sum(p))) for p in parts)  # one host sync, before any model call
+            finite = all(
+                bool(torch.isfinite(p.sum(dtype=_sum_dtype(p)))) for p in parts
+            )  # one host sync, before any model call
         if not finite:
             raise FloatingPointError("non-finite values (NaN or inf) in the input x")
     _check_amplification(solver, model.schedule, grid, forward, latent.dtype, max_amplification)
@@ -164,8 +166,10 @@ def begin(
 
 
 def _walk(model, x, ts, solver, forward, strength, grad, progress, callback, check_finite, limit, kw) -> State:
-    _check_model(model)
-    recorder = _FirstEvaluation(model) if callback is not None else None
+    recorder = None
+    if callback is not None:
+        _check_model(model)  # (before wrapping it)
+        recorder = _FirstEvaluation(model)
     with torch.set_grad_enabled(grad):
         grid, state, k = begin(
             recorder or model,
@@ -180,14 +184,17 @@ def _walk(model, x, ts, solver, forward, strength, grad, progress, callback, che
         )
         n = len(grid) - 1
         check = FiniteCheck(grid, solver, state.x) if check_finite else None
-        stepped = k == 1 and isinstance(x, torch.Tensor)  # the solver's init took the first step
-        if check is not None and stepped:
-            check.record(1, state, forward)
-        stop = (
-            stepped
-            and callback is not None
-            and callback(Step(1, grid[0], grid[1], _facing(state, forward), *recorder.first)) is True
-        )
+
+        def after(j: int) -> bool:
+            """Record and report the step that reached ``grid[j]``; True: the callback stops the walk."""
+            if check is not None:
+                check.record(j, state, forward)
+            if callback is None:
+                return False
+            return callback(Step(j, grid[j - 1], grid[j], _facing(state, forward), *recorder.first)) is True
+
+        # the solver's init took the first step from a lone latent
+        stop = k == 1 and isinstance(x, torch.Tensor) and after(1)
         move = solver.step if forward else solver.unstep
         with tqdm(total=n, initial=k, disable=not progress, desc="sample" if forward else "invert") as bar:
             for j in range(k + 1, n + 1):
@@ -196,11 +203,8 @@ def _walk(model, x, ts, solver, forward, strength, grad, progress, callback, che
                 if recorder is not None:
                     recorder.reset()
                 state = move(recorder or model, state, grid[j], **kw)
-                if check is not None:
-                    check.record(j, state, forward)
                 bar.update()
-                if callback is not None:
-                    stop = callback(Step(j, grid[j - 1], grid[j], _facing(state, forward), *recorder.first)) is True
+                stop = after(j)
         if check is not None:
             check.raise_if_bad(state)
         return _facing(state, forward)
@@ -222,7 +226,7 @@ class FiniteCheck:
 
     def __init__(self, grid: list[float], solver: object, like: torch.Tensor):
         self.grid, self.solver = grid, solver
-        dtype = torch.float32 if like.element_size() < 4 else like.dtype
+        dtype = _sum_dtype(like)
         self.sums = torch.zeros(len(grid), 2, dtype=dtype, device=like.device)
         self._dims = tuple(range(like.dim()))
 
@@ -249,8 +253,9 @@ class FiniteCheck:
             )
 
 
-def _sum(x: torch.Tensor) -> torch.Tensor:
-    return x.sum(dtype=torch.float32) if x.element_size() < 4 else x.sum()
+def _sum_dtype(x: torch.Tensor) -> torch.dtype:
+    """Half precision is summed in float32 (its own sum could overflow where the latent does not)."""
+    return torch.float32 if x.element_size() < 4 else x.dtype
 
 
 def _facing(state: State, forward: bool) -> State:
