@@ -3,25 +3,22 @@
 Every update in this library (a DDIM step, a BDIA step and its inverse, a change of parametrisation) is
 a linear combination of a few tensors whose coefficients come from float64 time arithmetic.
 ``lincomb`` merges coefficients of the same tensor (in float64, before touching any tensor: fewer
-passes over memory and no cancellation between large tensor terms), skips zeros, and casts each
-coefficient to the state's dtype only when it is applied. It never modifies its inputs. ``factored``
-gives the same sum as a scale and a tensor, for an update that adds it to something else; ``lincomb``
-is ``factored`` with the scale applied.
+passes over memory and no cancellation between large tensor terms) and casts each coefficient to the
+state's dtype only when it is applied. A zero coefficient still multiplies its tensor, so that NaN
+or inf in any input shows in the result (IEEE: 0 x inf = NaN): a walk's final state then carries
+every non-finite value that any of its steps made (``bdia.sampling`` checks that state once). It
+never modifies its inputs. ``factored`` gives the same sum as a scale and a tensor, for an update that
+adds it to something else; ``lincomb`` is ``factored`` with the scale applied.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["Coef", "Terms", "factored", "lincomb", "scaled"]
+__all__ = ["Coef", "Terms", "factored", "lincomb"]
 
 Coef = float | torch.Tensor  # a python float (float64), or a per-sample tensor broadcastable to the terms
 Terms = list[tuple[Coef, torch.Tensor]]
-
-
-def scaled(c: Coef, terms: Terms) -> Terms:
-    """The terms of ``c * sum(terms)`` (coefficients multiply; no tensor is touched)."""
-    return [(c * a, T) for a, T in terms]
 
 
 _ZERO = torch.zeros(())  # a CPU scalar: usable with a tensor of any float dtype and any device
@@ -61,7 +58,7 @@ def factored(*terms: tuple[Coef, torch.Tensor]) -> tuple[Coef, torch.Tensor]:
         return 1.0, _summed(tensors, coefs)
     out = None
     for i, c in enumerate(coefs):
-        if i != lead and c != 0:
+        if i != lead:
             T = tensors[i]
             out = torch.add(tensors[lead], T, alpha=c / s) if out is None else out.add_(T, alpha=c / s)
     return s, (tensors[lead].clone() if out is None else out)
@@ -78,12 +75,10 @@ def _summed(tensors: list[torch.Tensor], coefs: list[Coef]) -> torch.Tensor:
         if isinstance(c, torch.Tensor):
             c = c.to(T.dtype)
             out = torch.mul(T, c) if out is None else out.addcmul_(T, c)
-        elif c != 0:
+        else:
             # 0 + c T through add's alpha is c T to the bit (but -0 -> +0), and skips the wrapping of a python
             # scalar into a tensor that T * c pays for (about 2 us a call, as much as a pass over 64k floats)
             out = torch.add(_ZERO, T, alpha=c) if out is None else out.add_(T, alpha=c)
-    if out is None:
-        return torch.zeros_like(tensors[0])
     return out.to(dtype) if half else out
 
 

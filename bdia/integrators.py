@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from bdia._linalg import lincomb, scaled
+from bdia._linalg import lincomb
 from bdia.models import Denoiser, Prediction
 from bdia.schedules import Schedule
 from bdia.state import State
@@ -69,7 +69,7 @@ class Integrator:
         if pred is None:
             pred = predict(model, x, t, s, **kw)
         A, B, C = self.coefficients(model.schedule, t, s)
-        return lincomb((A, x), *scaled(B, pred._x0_terms), *scaled(C, pred._eps_terms))
+        return lincomb((A, x), *pred.terms(B, C))
 
     def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
         return State(x, self(model, x, t, t_next, **kw), t, t_next)
@@ -183,8 +183,8 @@ class DDIMInverse(DDIM):
         if s <= t:
             return super().__call__(model, x, t, s, pred, **kw)
         k, ks = model.schedule.at(t), model.schedule.at(s)
-        e = model(x, s, **kw)._eps_terms
-        return lincomb((ks.alpha / k.alpha, x), *scaled(ks.sigma - ks.alpha * k.sigma / k.alpha, e))
+        e = model(x, s, **kw)
+        return lincomb((ks.alpha / k.alpha, x), *e.terms(0.0, ks.sigma - ks.alpha * k.sigma / k.alpha))
 
 
 def _second_order(
@@ -202,7 +202,7 @@ def _second_order(
         return ddim
     u = ddim if mid == s else DDIM()(model, x, t, mid, pred)
     c = weight * (ks.sigma - ks.alpha * k.sigma / k.alpha)
-    return lincomb((1.0, ddim), *scaled(c, model(u, mid, **kw)._eps_terms), *scaled(-c, pred._eps_terms))
+    return lincomb((1.0, ddim), *model(u, mid, **kw).terms(0.0, c), *pred.terms(0.0, -c))
 
 
 class ScaledHeun(Integrator):

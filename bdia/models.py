@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from bdia._linalg import Terms, lincomb
+from bdia._linalg import Coef, Terms, lincomb
 from bdia.schedules import Coefficients, Schedule
 
 __all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Model", "Prediction"]
@@ -22,27 +22,47 @@ __all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Mod
 class Prediction:
     """The model's estimate of the clean data and of the noise at ``(x, t)``: ``x = alpha x0 + sigma eps``.
 
-    Internally ``Model`` gives each as a linear combination of ``x`` and the network output, which an affine
-    integrator folds into its own update (a BDIA-DDIM step then makes two passes over memory instead of five);
-    ``pred.x0`` and ``pred.eps`` build the tensor on first use. Unpacks like a pair: ``x0, eps = pred``.
+    Held as two tensors ``u, v`` and a 2x2 matrix ``m = (a, b, c, d)``: ``x0 = a u + b v``, ``eps = c u + d v``.
+    ``Prediction(x0, eps)`` is the identity on the pair; ``Model`` makes ``Prediction.affine(x, out, m)`` from a
+    network's output, which an affine integrator folds into its own update (``terms``: a BDIA-DDIM step then makes
+    two passes over memory instead of five). ``pred.x0`` and ``pred.eps`` build the tensor on first use. Unpacks
+    like a pair: ``x0, eps = pred``.
     """
 
-    __slots__ = ("_eps", "_eps_terms", "_x0", "_x0_terms")
+    __slots__ = ("_eps", "_x0", "m", "u", "v")
 
-    def __init__(self, x0: torch.Tensor | Terms, eps: torch.Tensor | Terms):
-        self._x0, self._x0_terms = _as_terms(x0, "x0")
-        self._eps, self._eps_terms = _as_terms(eps, "eps")
+    def __init__(self, x0: torch.Tensor, eps: torch.Tensor):
+        for name, v in (("x0", x0), ("eps", eps)):
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"Prediction.{name} must be a tensor, got {type(v).__name__}")
+        self.u, self.v, self.m, self._x0, self._eps = x0, eps, None, x0, eps
+
+    @classmethod
+    def affine(cls, u: torch.Tensor, v: torch.Tensor, m: tuple[float, float, float, float]) -> Prediction:
+        """``x0 = a u + b v``, ``eps = c u + d v`` with ``m = (a, b, c, d)`` (float64 numbers)."""
+        p = cls.__new__(cls)
+        p.u, p.v, p.m, p._x0, p._eps = u, v, m, None, None
+        return p
+
+    def terms(self, B: Coef, C: Coef) -> Terms:
+        """The terms of ``B x0 + C eps`` on ``u`` and ``v``, coefficients combined in float64 (no tensor touched)."""
+        if self.m is None:
+            return [(B, self.u), (C, self.v)]
+        a, b, c, d = self.m
+        return [(B * a + C * c, self.u), (B * b + C * d, self.v)]
 
     @property
     def x0(self) -> torch.Tensor:
         if self._x0 is None:
-            self._x0 = lincomb(*self._x0_terms)
+            a, b, _, _ = self.m
+            self._x0 = lincomb((a, self.u), (b, self.v))
         return self._x0
 
     @property
     def eps(self) -> torch.Tensor:
         if self._eps is None:
-            self._eps = lincomb(*self._eps_terms)
+            _, _, c, d = self.m
+            self._eps = lincomb((c, self.u), (d, self.v))
         return self._eps
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -51,14 +71,6 @@ class Prediction:
 
     def __repr__(self) -> str:
         return f"Prediction(x0={self.x0!r}, eps={self.eps!r})"
-
-
-def _as_terms(v: torch.Tensor | Terms, name: str) -> tuple[torch.Tensor | None, Terms]:
-    if isinstance(v, torch.Tensor):
-        return v, [(1.0, v)]
-    if not isinstance(v, list) or not v:
-        raise TypeError(f"Prediction.{name} must be a tensor or a non-empty list of (coefficient, tensor) terms")
-    return None, v
 
 
 class Denoiser(Protocol):
@@ -156,7 +168,7 @@ class Model:
         if out.dtype != x.dtype:
             raise TypeError(f"net output dtype {out.dtype} differs from the state's {x.dtype}")
         a, b, c, d = _safe(self._param, k)
-        return Prediction([(a, x), (b, out)], [(c, x), (d, out)])
+        return Prediction.affine(x, out, (a, b, c, d))
 
     def __repr__(self) -> str:
         return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule}, {self.prediction!r})"

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from bdia._linalg import factored, lincomb, scaled
+from bdia._linalg import factored, lincomb
 from bdia.gamma import BoundedOBELM, Gamma, GammaFn, as_gamma, obelm_gamma
 from bdia.integrators import DDIM, DDIMInverse, DPMSolver2, Euler, Heun, Integrator, ScaledHeun, _pair
 from bdia.models import Denoiser
@@ -169,7 +169,7 @@ class BDIA:
         pred = model(x, t, **kw)
         if self.integrator.affine and self.backward.affine:
             A, B, C = self._plan(model.schedule, t_prev, t, t_next, g)
-            return Drift(g, *factored((A, x), *scaled(B, pred._x0_terms), *scaled(C, pred._eps_terms)))
+            return Drift(g, *factored((A, x), *pred.terms(B, C)))
         ahead = self.integrator(model, x, t, t_next, pred, **kw)
         back = self.backward(model, x, t, t_prev, pred, **kw)
         return Drift(g, *factored((1.0, ahead), (-g, back)))

@@ -62,7 +62,7 @@ class _GivenEps:
 
     def __call__(self, x: torch.Tensor, t: float, **kw) -> Prediction:
         a, b, c, d = PREDICTIONS["epsilon"](SD.at(t))
-        return Prediction([(a, x), (b, self.out)], [(c, x), (d, self.out)])
+        return Prediction.affine(x, self.out, (a, b, c, d))
 
 
 class TinyConvNet(nn.Module):
