@@ -46,6 +46,7 @@ class Integrator:
 
     order: int
     nfe: int  # model evaluations per step, the one at the start point included
+    nonfinite_persists = True  # each step's result includes x (bdia.sampling.FiniteCheck)
 
     def coefficients(self, schedule: Schedule, t: float, s: float) -> tuple[float, float, float]:
         """``(A, B, C)`` with ``Phi(x; t -> s) = A x + B x0 + C eps``: three float64 numbers of the times alone,

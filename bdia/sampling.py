@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -165,7 +166,9 @@ def begin(
     return Start(walk, state, k)
 
 
-def _walk(model, x, ts, solver, forward, strength, grad, progress, callback, check_finite, limit, kw) -> State:
+def _walk(
+    model, x, ts, solver, forward, strength, grad, progress, callback, check_finite, limit, kw, every_step=None
+) -> State:
     recorder = None
     if callback is not None:
         _check_model(model)  # (before wrapping it)
@@ -183,7 +186,9 @@ def _walk(model, x, ts, solver, forward, strength, grad, progress, callback, che
             **kw,
         )
         n = len(grid) - 1
-        check = FiniteCheck(grid, solver, state.x) if check_finite else None
+        check = FiniteCheck(grid, solver, state.x, every_step) if check_finite else None
+        if check is not None:
+            check.replayed = every_step is True
 
         def after(j: int) -> bool:
             """Record and report the step that reached ``grid[j]``; True: the callback stops the walk."""
@@ -196,18 +201,27 @@ def _walk(model, x, ts, solver, forward, strength, grad, progress, callback, che
         # the solver's init took the first step from a lone latent
         stop = k == 1 and isinstance(x, torch.Tensor) and after(1)
         move = solver.step if forward else solver.unstep
-        with tqdm(total=n, initial=k, disable=not progress, desc="sample" if forward else "invert") as bar:
+        # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
+        bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if progress else None
+        with bar or contextlib.nullcontext():
             for j in range(k + 1, n + 1):
                 if stop:
                     break
                 if recorder is not None:
                     recorder.reset()
                 state = move(recorder or model, state, grid[j], **kw)
-                bar.update()
+                if bar is not None:
+                    bar.update()
                 stop = after(j)
-        if check is not None:
-            check.raise_if_bad(state)
-        return _facing(state, forward)
+    if check is not None:
+        j = check.failed(state)
+        if j == -1:
+            # the final state is not finite: replay without the callback, recording every step, to name the first
+            # failing one (the replay raises; if it does not, the model did not reproduce its output)
+            _walk(model, x, ts, solver, forward, strength, False, False, None, True, limit, kw, every_step=True)
+        if j is not None:
+            raise check.error(j, state)
+    return _facing(state, forward)
 
 
 _HINT = (
@@ -217,21 +231,37 @@ _HINT = (
 
 
 class FiniteCheck:
-    """NaN or inf in a walk's latents, found without a host sync per step: ``record`` writes one sum of the latent
-    each step made (NaN or inf makes it non-finite) into a buffer preallocated on the device, through ``out=``, so
-    that the loop allocates nothing (small allocations between the step's large ones cost the CPU allocator more
-    than the arithmetic); ``raise_if_bad`` reads the buffer once and names the first failing step. The sum is taken
-    in the latent's dtype (float32 for half precision, which could overflow where the latent does not): a float32
-    latent with finite elements is only reported if their sum passes 3e38, which no working walk approaches."""
+    """NaN or inf in a walk's latents, found without a host sync per step; ``raise_if_bad`` names the first
+    failing step.
 
-    def __init__(self, grid: list[float], solver: object, like: torch.Tensor):
+    A solver whose walk carries every non-finite value into its final state declares ``nonfinite_persists =
+    True``: each latent it makes is an affine combination that includes the latent it stepped from (a zero
+    coefficient included, and IEEE arithmetic keeps NaN and inf: ``0 x inf = NaN``), and a step's newest latent is
+    kept in the state. BDIA, O-BELM, EDICT and the integrators do. Their walk does no per-step work for the check:
+    ``failed`` sums the final state's latents once, and a non-finite one is located by ``bdia.sample`` replaying
+    the walk with a check after every step (the failing walk pays for the replay; a finite one pays one reduction
+    per latent). Otherwise (``Exact``, whose integers do not carry NaN, or a solver that does not declare it)
+    ``record`` writes one sum of the latent each step made into a buffer preallocated on the device, through
+    ``out=``, so that the loop allocates nothing (small allocations between the step's large ones cost the CPU
+    allocator more than the arithmetic).
+
+    Sums are taken in the latent's dtype (float32 for half precision, which could overflow where the latent does
+    not): a float32 latent with finite elements is only reported if their sum passes 3e38, which no working walk
+    approaches.
+    """
+
+    def __init__(self, grid: list[float], solver: object, like: torch.Tensor, every_step: bool | None = None):
         self.grid, self.solver = grid, solver
+        self.every_step = not getattr(solver, "nonfinite_persists", False) if every_step is None else every_step
+        self.replayed = False  # set on a replay, for the message
         dtype = _sum_dtype(like)
-        self.sums = torch.zeros(len(grid), 2, dtype=dtype, device=like.device)
+        self.sums = torch.zeros(len(grid) if self.every_step else 1, 2, dtype=dtype, device=like.device)
         self._dims = tuple(range(like.dim()))
 
     def record(self, j: int, state: State, forward: bool) -> None:
         """After the step to ``grid[j]``: the latent it made (both, for coupled copies)."""
+        if not self.every_step:
+            return
         if torch.is_grad_enabled() and (state.x.requires_grad or state.x_prev.requires_grad):
             with torch.no_grad():  # a check, not part of any graph (and out= is not differentiable)
                 return self.record(j, state, forward)
@@ -240,17 +270,39 @@ class FiniteCheck:
         if state.coupled:
             torch.sum(state.x_prev, dim=self._dims, dtype=dt, out=slot[1])
 
-    def raise_if_bad(self, state: State) -> None:
-        """Raise if a recorded step was not finite; ``state``: the walk's last, for the solver's diagnosis."""
-        bad = ~torch.isfinite(self.sums).all(dim=1)
-        if bool(bad.any()):  # the one host sync of the walk
-            j, g = int(bad.nonzero()[0, 0]), self.grid
-            describe = getattr(self.solver, "describe_nonfinite", None)
-            hint = describe(state) if describe is not None else _HINT
-            raise FloatingPointError(
-                f"non-finite values (NaN or inf) produced in step {j} of {len(g) - 1} "
-                f"(t = {g[j - 1]} -> {g[j]}): {hint}"
+    def failed(self, state: State) -> int | None:
+        """The first failing step (``state``: the walk's last); ``None`` if every latent is finite; ``-1`` if the
+        final state is not finite but the steps were not recorded (the walk must be replayed to name the step)."""
+        if self.every_step:
+            bad = ~torch.isfinite(self.sums).all(dim=1)
+            return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None  # the one host sync of the walk
+        with torch.no_grad():
+            dt = self.sums.dtype
+            torch.sum(state.x, dim=self._dims, dtype=dt, out=self.sums[0, 0])
+            torch.sum(state.x_prev, dim=self._dims, dtype=dt, out=self.sums[0, 1])
+        return None if bool(torch.isfinite(self.sums).all()) else -1  # the one host sync of the walk
+
+    def error(self, j: int, state: State) -> FloatingPointError:
+        """The error naming step ``j`` (``-1``: a replay found no failing step)."""
+        g = self.grid
+        describe = getattr(self.solver, "describe_nonfinite", None)
+        hint = describe(state) if describe is not None else _HINT
+        if j < 0:
+            return FloatingPointError(
+                "non-finite values (NaN or inf) in the walk's final state, but a replay of the walk with a check "
+                f"after every step produced none: the model's output is not reproducible; {hint}"
             )
+        how = " (located by replaying the walk with a check after every step)" if self.replayed else ""
+        return FloatingPointError(
+            f"non-finite values (NaN or inf) produced in step {j} of {len(g) - 1} (t = {g[j - 1]} -> {g[j]}){how}: "
+            f"{hint}"
+        )
+
+    def raise_if_bad(self, state: State) -> None:
+        """Raise if a step was not finite (for a walk recorded step by step; ``bdia.sample`` also replays)."""
+        j = self.failed(state)
+        if j is not None:
+            raise self.error(j, state)
 
 
 def _sum_dtype(x: torch.Tensor) -> torch.dtype:

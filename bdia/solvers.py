@@ -7,8 +7,10 @@ Every solver offers three pure functions of a denoiser, a state and the grid tim
 - ``unstep(model, state, t_prev)``: the inverse of ``step``, back to ``t_prev``;
 
 and ``amplification(schedule, times, forward)``: how much the walk over ``times`` can amplify a rounding error,
-checked before any network call. The integrators of ``bdia.integrators`` (Euler, DDIM, DDIMInverse, Heun, ScaledHeun,
-DPMSolver2) are one-step solvers and are re-exported here.
+checked before any network call. A solver may also declare ``nonfinite_persists = True`` when NaN or inf in
+any latent of its walk stays in the walk's final state; ``bdia.sample`` then checks that state once instead
+of every step (see ``bdia.sampling.FiniteCheck``). The integrators of ``bdia.integrators`` (Euler, DDIM,
+DDIMInverse, Heun, ScaledHeun, DPMSolver2) are one-step solvers and are re-exported here.
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ class BDIA:
         # F's coefficients on (x, x0, eps) per schedule and grid point, for affine integrators; weak in the
         # schedule, so that a schedule built per request is freed with its model
         self._plans: weakref.WeakKeyDictionary[Schedule, dict] = weakref.WeakKeyDictionary()
+
+    nonfinite_persists = True  # x_next includes x through F and x_prev (bdia.sampling.FiniteCheck)
 
     def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
         return self.integrator.init(model, x, t, t_next, **kw)
@@ -300,6 +304,7 @@ class EDICT:
     """
 
     nfe, order = 2, 1
+    nonfinite_persists = True  # each copy's update includes the copy (bdia.sampling.FiniteCheck)
 
     def __init__(self, integrator: Integrator | None = None, p: float = 0.93, alternate: bool = False):
         self.integrator = DDIM() if integrator is None else integrator

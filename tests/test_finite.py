@@ -1,0 +1,141 @@
+"""The walk's NaN/inf check: checking the final state once (and replaying to locate) names the same step as a
+check after every step, for every solver of the family, including against a model that hides non-finite inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import bdia
+from bdia.models import Model
+from bdia.sampling import FiniteCheck
+from bdia.solvers import BDIA, DDIM, EDICT, OBELM, DDIMInverse, DPMSolver2, Euler, Heun, ScaledHeun
+from tests.conftest import grid, schedule
+
+SOLVERS = {
+    "BDIA": lambda: BDIA(DDIM()),
+    "BDIA gamma=0.5": lambda: BDIA(DDIM(), gamma=0.5),
+    "BDIA gamma=0": lambda: BDIA(DDIM(), gamma=0.0),
+    "BDIA per-sample gamma": lambda: BDIA(DDIM(), gamma=torch.tensor([1.0, 0.5])),
+    "BDIA Heun": lambda: BDIA(Heun()),
+    "BDIA Euler": lambda: BDIA(Euler()),
+    "O-BELM": lambda: OBELM(),
+    "EDICT": lambda: EDICT(),
+    "EDICT alternate": lambda: EDICT(alternate=True),
+    "DDIM": lambda: DDIM(),
+    "DDIMInverse": lambda: DDIMInverse(),
+    "Heun": lambda: Heun(),
+    "ScaledHeun": lambda: ScaledHeun(),
+    "DPMSolver2": lambda: DPMSolver2(),
+}
+
+
+class EveryStep:
+    """The same solver without ``nonfinite_persists``: the walk checks after every step (the reference)."""
+
+    def __init__(self, solver):
+        self.solver, self.nfe, self.order = solver, solver.nfe, solver.order
+
+    def init(self, *a, **kw):
+        return self.solver.init(*a, **kw)
+
+    def step(self, *a, **kw):
+        return self.solver.step(*a, **kw)
+
+    def unstep(self, *a, **kw):
+        return self.solver.unstep(*a, **kw)
+
+    def amplification(self, *a):
+        return self.solver.amplification(*a)
+
+
+def hiding_net(poison_t: float, element: int, value: float):
+    """An adversarial network: finite for any input (it maps NaN and inf in x to 0), so it never carries a
+    non-finite latent forward itself, and returns ``value`` at ``element`` when called at time ``poison_t``."""
+
+    def net(x, t):
+        out = 0.1 * torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        if float(t[0]) == float(torch.tensor(poison_t, dtype=t.dtype)):
+            out = out.clone()
+            out.view(-1)[element] = value
+        return out
+
+    return net
+
+
+def outcome(walk, *args):
+    try:
+        return "ok", walk(*args)
+    except FloatingPointError as e:
+        return "raised", str(e)
+
+
+@given(
+    name=st.sampled_from(sorted(SOLVERS)),
+    prediction=st.sampled_from(["epsilon", "sample", "v"]),
+    variant=st.integers(0, 4),
+    forward=st.booleans(),
+    where=st.integers(0, 5),
+    element=st.integers(0, 7),
+    value=st.sampled_from([math.nan, math.inf, -math.inf]),
+)
+def test_final_check_names_the_step_a_per_step_check_names(name, prediction, variant, forward, where, element, value):
+    solver = SOLVERS[name]()
+    assume(forward or name not in ("BDIA gamma=0",))  # (gamma = 0 cannot invert)
+    s = schedule("sd")
+    ts = grid("sd", 5, variant)
+    model = Model(hiding_net(float(ts[where % len(ts)]), element, value), s, prediction)
+    x = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64).reshape(2, 4)
+    walk = bdia.sample if forward else bdia.invert
+    reference = outcome(walk, model, x, ts, EveryStep(solver))
+    got = outcome(walk, model, x, ts, solver)
+    assert got[0] == reference[0]
+    if got[0] == "ok":
+        assert torch.equal(got[1].x, reference[1].x) and torch.equal(got[1].x_prev, reference[1].x_prev)
+    else:
+        # the same message, plus how the deferred check located the step
+        assert got[1] == reference[1].replace(
+            "):", ") (located by replaying the walk with a check after every step):", 1
+        )
+
+
+def test_every_poisoned_step_is_found():
+    """Not a vacuous equivalence: poisoning the evaluation at each grid time is reported at that step."""
+    s = schedule("sd")
+    ts = grid("sd", 5, 0)
+    x = torch.zeros(2, 4, dtype=torch.float64)
+    for j in range(5):
+        model = Model(hiding_net(float(ts[j]), 3, math.nan), s, "epsilon")
+        with pytest.raises(FloatingPointError, match=rf"in step {j + 1} of 5 .*located by replaying"):
+            bdia.sample(model, x, ts, BDIA())
+
+
+def test_a_model_that_does_not_reproduce_its_output_is_named():
+    """The walk's final state is not finite but the replay's is: the error says so instead of naming a step."""
+    s = schedule("sd")
+    ts = grid("sd", 5, 0)
+    calls = []
+
+    def net(x, t):
+        calls.append(float(t[0]))
+        out = torch.zeros_like(x)
+        if len(calls) == 2:  # the first walk's second evaluation only
+            out[0, 0] = math.nan
+        return out
+
+    with pytest.raises(FloatingPointError, match="replay .* produced none: the model's output is not reproducible"):
+        bdia.sample(Model(net, s), torch.zeros(2, 4), ts, BDIA())
+    assert len(calls) == 10  # the walk and its replay, 5 evaluations each
+
+
+def test_a_finite_walk_reads_only_its_final_state():
+    """The deferred check keeps one row of sums, the per-step check one per grid point."""
+    ts = grid("sd", 5, 0).tolist()
+    like = torch.zeros(2, 4)
+    assert FiniteCheck(ts, BDIA(), like).sums.shape == (1, 2)
+    assert FiniteCheck(ts, EveryStep(BDIA()), like).sums.shape == (6, 2)
+    assert FiniteCheck(ts, BDIA(), like, every_step=True).sums.shape == (6, 2)
