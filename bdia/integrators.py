@@ -21,14 +21,13 @@ was not trained (sigma = 0, or ``t = -1`` of a discrete schedule).
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any
 
 import torch
 
 from bdia._linalg import lincomb
 from bdia.models import Denoiser, Prediction
-from bdia.schedules import Schedule
+from bdia.schedules import PerSchedule, Schedule
 from bdia.state import State
 
 __all__ = ["DDIM", "DDIMInverse", "DPMSolver2", "Euler", "Heun", "Integrator", "ScaledHeun", "predict"]
@@ -245,7 +244,7 @@ class DPMSolver2(Integrator):
     order, nfe = 2, 2
 
     def __init__(self) -> None:
-        self._mids: weakref.WeakKeyDictionary[Schedule, dict[tuple[float, float], float]] = weakref.WeakKeyDictionary()
+        self._mids = PerSchedule()
 
     @property
     def first_order(self) -> Integrator:
@@ -254,7 +253,7 @@ class DPMSolver2(Integrator):
     def midpoint(self, schedule: Schedule, t: float, s: float) -> float:
         """The time between ``t`` and ``s`` whose ``sbar = sigma/alpha`` is ``sqrt(sbar_t sbar_s)`` (lambda's
         midpoint)."""
-        mids = self._mids.setdefault(schedule, {})
+        mids = self._mids(schedule)
         m = mids.get((t, s))
         if m is None:
             target = math.log(schedule.snr_sbar(t) * schedule.snr_sbar(s)) / 2

@@ -128,7 +128,8 @@ class Model:
     e.g. rectified flow's ``eps - x0``), or a callable mapping ``Coefficients`` to the 2x2 matrix above.
     ``net`` receives ``t`` as a tensor of shape ``(batch,)`` in the schedule's native time, of dtype
     ``time_dtype`` (default: the state's dtype, float32 for half precision states so that integer
-    timesteps such as 981 stay exact).
+    timesteps such as 981 stay exact). That tensor and the parametrisation's matrix are built once per time,
+    batch size, dtype and device and reused (a network that modifies its time tensor in place gets a fresh one).
     """
 
     def __init__(
@@ -154,21 +155,35 @@ class Model:
         if time_dtype is not None and not isinstance(time_dtype, torch.dtype):
             raise TypeError(f"time_dtype must be a torch.dtype or None, got {time_dtype!r}")
         self.net, self.schedule, self.prediction, self.time_dtype = net, schedule, prediction, time_dtype
+        self._times: dict[tuple, tuple[torch.Tensor, int, tuple[float, float, float, float]]] = {}
 
     def __call__(self, x: torch.Tensor, t: float, **kwargs: Any) -> Prediction:
-        k = self.schedule.at(t)
         dtype = self.time_dtype or (x.dtype if x.element_size() >= 4 else torch.float32)
-        if not dtype.is_floating_point and t != math.floor(t):
-            # an integer time tensor would truncate it (a continuous schedule's time, or a stage between grid points)
-            raise ValueError(f"time t={t} is not an integer, so it cannot be passed as time_dtype={dtype}")
-        out = self.net(x, torch.full((x.shape[0],), t, dtype=dtype, device=x.device), **kwargs)
+        key = (t, x.shape[0], dtype, x.device)
+        times, version, m = self._times.get(key) or self._remember(key, t)
+        if times._version != version:  # the network modified its time tensor in place: build a fresh one
+            times, version, m = self._remember(key, t)
+        out = self.net(x, times, **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"net output must be a tensor shaped like x {tuple(x.shape)}, got {got}")
         if out.dtype != x.dtype:
             raise TypeError(f"net output dtype {out.dtype} differs from the state's {x.dtype}")
-        a, b, c, d = _safe(self._param, k)
-        return Prediction.affine(x, out, (a, b, c, d))
+        return Prediction.affine(x, out, m)
+
+    def _remember(self, key: tuple, t: float) -> tuple[torch.Tensor, int, tuple[float, float, float, float]]:
+        """The time tensor and the parametrisation's matrix at ``t``, built once per time, batch, dtype and device
+        (a walk asks for the same few times again and again; building them cost a third of a step)."""
+        _, batch, dtype, device = key
+        if not dtype.is_floating_point and t != math.floor(t):
+            # an integer time tensor would truncate it (a continuous schedule's time, or a stage between grid points)
+            raise ValueError(f"time t={t} is not an integer, so it cannot be passed as time_dtype={dtype}")
+        if len(self._times) >= 1 << 12:  # a few grids' worth
+            self._times.clear()
+        with torch.inference_mode(False):  # a normal tensor (with a version counter), usable in and out of that mode
+            times = torch.full((batch,), t, dtype=dtype, device=device)
+        entry = self._times[key] = (times, times._version, _safe(self._param, self.schedule.at(t)))
+        return entry
 
     def __repr__(self) -> str:
         return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule}, {self.prediction!r})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -134,14 +135,8 @@ def begin(
     grid = check_grid(ts, model.schedule)
     grid = _strength(grid, strength)
     latent = check_state(x, "x").x if isinstance(x, State) else check_latent(x)
-    if check_finite:
-        parts = [x] if isinstance(x, torch.Tensor) else [x.x_prev, x.x]
-        with torch.no_grad():  # (a check, not part of any graph; a sum, not a full-size boolean temporary)
-            finite = all(
-                bool(torch.isfinite(p.sum(dtype=_sum_dtype(p)))) for p in parts
-            )  # one host sync, before any model call
-        if not finite:
-            raise FloatingPointError("non-finite values (NaN or inf) in the input x")
+    if check_finite and not _finite(*([x] if isinstance(x, torch.Tensor) else [x.x_prev, x.x])):
+        raise FloatingPointError("non-finite values (NaN or inf) in the input x")
     _check_amplification(solver, model.schedule, grid, forward, latent.dtype, max_amplification)
     walk = grid if forward else grid[::-1]
     if not init and not isinstance(x, State):
@@ -199,8 +194,9 @@ def _walk(
             return callback(Step(j, grid[j - 1], grid[j], _facing(state, forward), *recorder.first)) is True
 
         # the solver's init took the first step from a lone latent
-        stop = k == 1 and isinstance(x, torch.Tensor) and after(1)
-        move = solver.step if forward else solver.unstep
+        watch = callback is not None or (check is not None and check.every_step)  # (else nothing to do per step)
+        stop = watch and k == 1 and isinstance(x, torch.Tensor) and after(1)
+        move, denoiser = solver.step if forward else solver.unstep, recorder or model
         # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
         bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if progress else None
         with bar or contextlib.nullcontext():
@@ -209,12 +205,13 @@ def _walk(
                     break
                 if recorder is not None:
                     recorder.reset()
-                state = move(recorder or model, state, grid[j], **kw)
+                state = move(denoiser, state, grid[j], **kw)
                 if bar is not None:
                     bar.update()
-                stop = after(j)
+                if watch:
+                    stop = after(j)
     if check is not None:
-        j = check.failed(state)
+        j = check.failed(state, forward)
         if j == -1:
             # the final state is not finite: replay without the callback, recording every step, to name the first
             # failing one (the replay raises; if it does not, the model did not reproduce its output)
@@ -236,14 +233,14 @@ class FiniteCheck:
 
     A solver whose walk carries every non-finite value into its final state declares ``nonfinite_persists =
     True``: each latent it makes is an affine combination that includes the latent it stepped from (a zero
-    coefficient included, and IEEE arithmetic keeps NaN and inf: ``0 x inf = NaN``), and a step's newest latent is
-    kept in the state. BDIA, O-BELM, EDICT and the integrators do. Their walk does no per-step work for the check:
-    ``failed`` sums the final state's latents once, and a non-finite one is located by ``bdia.sample`` replaying
-    the walk with a check after every step (the failing walk pays for the replay; a finite one pays one reduction
-    per latent). Otherwise (``Exact``, whose integers do not carry NaN, or a solver that does not declare it)
-    ``record`` writes one sum of the latent each step made into a buffer preallocated on the device, through
-    ``out=``, so that the loop allocates nothing (small allocations between the step's large ones cost the CPU
-    allocator more than the arithmetic).
+    coefficient included, and IEEE arithmetic keeps NaN and inf: ``0 x inf = NaN``). BDIA, O-BELM, EDICT and the
+    integrators do. Their walk does no per-step work for the check: ``failed`` sums the final state's newest
+    latent once (both coupled copies), and a non-finite one is located by ``bdia.sample`` replaying the walk with
+    a check after every step (the failing walk pays for the replay; a finite one pays one reduction). Otherwise
+    (``Exact``, whose integers do not carry NaN, or a solver that does not declare it) ``record`` writes one sum
+    of the latent each step made into a buffer preallocated on the device, through ``out=``, so that the loop
+    allocates nothing (small allocations between the step's large ones cost the CPU allocator more than the
+    arithmetic).
 
     Sums are taken in the latent's dtype (float32 for half precision, which could overflow where the latent does
     not): a float32 latent with finite elements is only reported if their sum passes 3e38, which no working walk
@@ -254,9 +251,9 @@ class FiniteCheck:
         self.grid, self.solver = grid, solver
         self.every_step = not getattr(solver, "nonfinite_persists", False) if every_step is None else every_step
         self.replayed = False  # set on a replay, for the message
-        dtype = _sum_dtype(like)
-        self.sums = torch.zeros(len(grid) if self.every_step else 1, 2, dtype=dtype, device=like.device)
-        self._dims = tuple(range(like.dim()))
+        if self.every_step:
+            self.sums = torch.zeros(len(grid), 2, dtype=_sum_dtype(like), device=like.device)
+            self._dims = tuple(range(like.dim()))
 
     def record(self, j: int, state: State, forward: bool) -> None:
         """After the step to ``grid[j]``: the latent it made (both, for coupled copies)."""
@@ -270,17 +267,16 @@ class FiniteCheck:
         if state.coupled:
             torch.sum(state.x_prev, dim=self._dims, dtype=dt, out=slot[1])
 
-    def failed(self, state: State) -> int | None:
+    def failed(self, state: State, forward: bool = True) -> int | None:
         """The first failing step (``state``: the walk's last); ``None`` if every latent is finite; ``-1`` if the
-        final state is not finite but the steps were not recorded (the walk must be replayed to name the step)."""
+        final state is not finite but the steps were not recorded (the walk must be replayed to name the step).
+        Unrecorded, the newest latent of a pair is read (it includes the one before it), or both coupled copies."""
         if self.every_step:
             bad = ~torch.isfinite(self.sums).all(dim=1)
             return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None  # the one host sync of the walk
-        with torch.no_grad():
-            dt = self.sums.dtype
-            torch.sum(state.x, dim=self._dims, dtype=dt, out=self.sums[0, 0])
-            torch.sum(state.x_prev, dim=self._dims, dtype=dt, out=self.sums[0, 1])
-        return None if bool(torch.isfinite(self.sums).all()) else -1  # the one host sync of the walk
+        if state.coupled:
+            return None if _finite(state.x, state.x_prev) else -1
+        return None if _finite(state.x if forward else state.x_prev) else -1
 
     def error(self, j: int, state: State) -> FloatingPointError:
         """The error naming step ``j`` (``-1``: a replay found no failing step)."""
@@ -303,6 +299,16 @@ class FiniteCheck:
         j = self.failed(state)
         if j is not None:
             raise self.error(j, state)
+
+
+def _finite(*parts: torch.Tensor) -> bool:
+    """Whether every element of ``parts`` is finite, read through one sum of sums (NaN or inf in any element makes
+    it non-finite): one reduction per tensor, no full-size boolean temporary, one host sync."""
+    total = None
+    for p in parts:
+        p = p.detach() if p.requires_grad else p
+        total = p.sum(dtype=_sum_dtype(p)) if total is None else total + p.sum(dtype=_sum_dtype(p))
+    return math.isfinite(float(total))
 
 
 def _sum_dtype(x: torch.Tensor) -> torch.dtype:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["EDM", "VP", "Coefficients", "DiscreteVP", "Flow", "Schedule", "check_grid"]
+__all__ = ["EDM", "VP", "Coefficients", "DiscreteVP", "Flow", "PerSchedule", "Schedule", "check_grid"]
 
 
 class Coefficients(NamedTuple):
@@ -319,3 +320,33 @@ class Flow(Schedule):
 
     def __repr__(self) -> str:
         return "Flow()"
+
+
+class PerSchedule:
+    """A memo dict per schedule, for what a solver computes once per grid point: ``memo(schedule)`` returns it.
+
+    Weak in the schedule (one built per request is freed with its model); the last schedule asked for is found
+    without hashing (a walk asks every step); a solver that holds one pickles and copies with it empty.
+    """
+
+    __slots__ = ("_data", "_last")
+
+    def __init__(self) -> None:
+        self._data: weakref.WeakKeyDictionary[Schedule, dict] = weakref.WeakKeyDictionary()
+        self._last: tuple[weakref.ref, dict] | None = None
+
+    def __call__(self, schedule: Schedule) -> dict:
+        last = self._last
+        if last is not None and last[0]() is schedule:
+            return last[1]
+        memo = self._data.get(schedule)
+        if memo is None:
+            memo = self._data[schedule] = {}
+        self._last = (weakref.ref(schedule), memo)
+        return memo
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __reduce__(self) -> tuple:
+        return PerSchedule, ()

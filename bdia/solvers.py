@@ -16,7 +16,6 @@ DDIMInverse, Heun, ScaledHeun, DPMSolver2) are one-step solvers and are re-expor
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -25,7 +24,7 @@ from bdia._linalg import factored, lincomb
 from bdia.gamma import BoundedOBELM, Gamma, GammaFn, as_gamma, obelm_gamma
 from bdia.integrators import DDIM, DDIMInverse, DPMSolver2, Euler, Heun, Integrator, ScaledHeun, _pair
 from bdia.models import Denoiser
-from bdia.schedules import Schedule
+from bdia.schedules import PerSchedule, Schedule
 from bdia.state import State
 
 __all__ = [
@@ -83,10 +82,10 @@ class Drift(NamedTuple):
     def forward(self, x_prev: torch.Tensor) -> torch.Tensor:
         """``gamma x_prev + F``."""
         g, s, T = self
+        if type(g) is float and g == 1.0:
+            return _plus(x_prev, s, T)  # two passes over memory for the whole gamma = 1 step
         if isinstance(g, torch.Tensor):
             return torch.mul(x_prev, g.to(x_prev.dtype)).add_(T, alpha=s)
-        if g == 1.0:
-            return _plus(x_prev, s, T)  # two passes over memory for the whole gamma = 1 step
         if g == 0.0:
             return T.mul_(s)  # the plain integrator's update, to the bit
         return _plus(x_prev, s / g, T).mul_(g)  # g (x_prev + (s/g) T): three passes, one allocation
@@ -105,7 +104,7 @@ class Drift(NamedTuple):
 def _plus(y: torch.Tensor, s: float, T: torch.Tensor) -> torch.Tensor:
     """``y + s T`` written over ``T``, a fresh intermediate: it saves an allocation, which on CPU costs as much as
     a pass over a small latent. Autograd refuses ``out=``, so a recorded step allocates."""
-    if torch.is_grad_enabled() and (y.requires_grad or T.requires_grad):
+    if (y.requires_grad or T.requires_grad) and torch.is_grad_enabled():
         return torch.add(y, T, alpha=s)
     return torch.add(y, T, alpha=s, out=T)
 
@@ -148,9 +147,9 @@ class BDIA:
             self.order = max(2, self.integrator.order)
         else:
             self.order = min(self.integrator.order, self.backward.order)
-        # F's coefficients on (x, x0, eps) per schedule and grid point, for affine integrators; weak in the
-        # schedule, so that a schedule built per request is freed with its model
-        self._plans: weakref.WeakKeyDictionary[Schedule, dict] = weakref.WeakKeyDictionary()
+        # F's coefficients on (x, x0, eps) per schedule and grid point, for affine integrators
+        self._plans = PerSchedule()
+        self._affine = self.integrator.affine and self.backward.affine
 
     nonfinite_persists = True  # x_next includes x through F and x_prev (bdia.sampling.FiniteCheck)
 
@@ -169,9 +168,11 @@ class BDIA:
 
     def drift(self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float, **kw: Any) -> Drift:
         """``x_next = gamma x_prev + F(x)``: gamma and F at the shared point ``x`` (one model evaluation at ``t``)."""
-        g = self.gamma.at(model.schedule, t_prev, t, t_next, x)
+        g = self.gamma.constant
+        if g is None:
+            g = self.gamma.at(model.schedule, t_prev, t, t_next, x)
         pred = model(x, t, **kw)
-        if self.integrator.affine and self.backward.affine:
+        if self._affine:
             A, B, C = self._plan(model.schedule, t_prev, t, t_next, g)
             return Drift(g, *factored((A, x), *pred.terms(B, C)))
         ahead = self.integrator(model, x, t, t_next, pred, **kw)
@@ -180,7 +181,7 @@ class BDIA:
 
     def _plan(self, schedule: Schedule, t_prev: float, t: float, t_next: float, g: float | torch.Tensor):
         """F's coefficients on ``(x, x0, eps)``: the forward map's minus gamma times the backward map's."""
-        plans = self._plans.setdefault(schedule, {}) if isinstance(g, float) else None
+        plans = self._plans(schedule) if isinstance(g, float) else None
         key = (t_prev, t, t_next, g)
         plan = plans.get(key) if plans is not None else None
         if plan is None:
@@ -199,7 +200,7 @@ class BDIA:
         ``t_prev`` is pure noise (alpha = 0). Inversion: ``c_i = 1 / gamma_i``, the factor ``unstep`` multiplies
         the newer latent by (``gamma^-N`` for a constant gamma). ``times``: the grid in sampling order.
         """
-        memo = self._plans.setdefault(schedule, {})
+        memo = self._plans(schedule)
         key = ("amplification", tuple(times), forward)
         value = memo.get(key)
         if value is None:  # (a walk asks once; the same grid is walked again and again)

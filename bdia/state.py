@@ -12,7 +12,7 @@ import torch
 __all__ = ["State", "check_latent", "check_state", "load", "save"]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, init=False)
 class State:
     """``x`` at time ``t`` and ``x_prev`` at ``t_prev``: the pair a two-step solver continues from.
 
@@ -35,6 +35,12 @@ class State:
     coupled: bool = False
 
     _kinds: ClassVar[dict[str, type[State]]] = {}
+
+    def __init__(self, x_prev: torch.Tensor, x: torch.Tensor, t_prev: float, t: float, coupled: bool = False):
+        # (the frozen dataclass's own __init__ sets each field through object.__setattr__: three times slower,
+        # and a walk makes a state per step; subclasses get the generated one)
+        d = self.__dict__
+        d["x_prev"], d["x"], d["t_prev"], d["t"], d["coupled"] = x_prev, x, t_prev, t, coupled
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

@@ -350,3 +350,27 @@ def test_velocity_nets_and_euler_need_nothing_special():
     ts = Flow().timesteps(8)
     out = bdia.sample(model, _noise(), ts, BDIA(Euler()))
     assert rel_err(bdia.invert(model, out, ts, BDIA(Euler())).x, _noise()) < 1e-12
+
+
+def test_model_reuses_its_time_tensor_until_the_network_edits_it():
+    """Model builds the (batch,) time tensor once per time; a network that modifies it in place gets a fresh one."""
+    seen = []
+
+    def net(x, t):
+        seen.append((t, t.clone()))
+        t.add_(1000.0)  # a (misbehaving) network that edits its input
+        return torch.zeros_like(x)
+
+    model = Model(net, DiscreteVP.stable_diffusion(), "epsilon")
+    x = torch.zeros(3, 4)
+    model(x, 981.0)
+    model(x, 981.0)
+    assert [v.tolist() for _, v in seen] == [[981.0] * 3, [981.0] * 3]
+    assert seen[0][0] is not seen[1][0]  # rebuilt after the edit
+
+    seen.clear()
+    polite = Model(lambda x, t: seen.append(t) or torch.zeros_like(x), DiscreteVP.stable_diffusion(), "epsilon")
+    polite(x, 981.0)
+    polite(x, 981.0)
+    polite(x[:2], 981.0)
+    assert seen[0] is seen[1] and seen[2].shape == (2,)

@@ -11,6 +11,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import bdia
+from bdia.exact import Exact
 from bdia.models import Model
 from bdia.sampling import FiniteCheck
 from bdia.solvers import BDIA, DDIM, EDICT, OBELM, DDIMInverse, DPMSolver2, Euler, Heun, ScaledHeun
@@ -132,10 +133,13 @@ def test_a_model_that_does_not_reproduce_its_output_is_named():
     assert len(calls) == 10  # the walk and its replay, 5 evaluations each
 
 
-def test_a_finite_walk_reads_only_its_final_state():
-    """The deferred check keeps one row of sums, the per-step check one per grid point."""
+def test_the_check_is_deferred_only_for_solvers_that_declare_it():
+    """Deferred for the family; per step (one row of sums per grid point) for Exact and undeclared solvers."""
     ts = grid("sd", 5, 0).tolist()
     like = torch.zeros(2, 4)
-    assert FiniteCheck(ts, BDIA(), like).sums.shape == (1, 2)
-    assert FiniteCheck(ts, EveryStep(BDIA()), like).sums.shape == (6, 2)
+    for solver in (BDIA(), OBELM(), EDICT(), DDIM(), Heun(), DPMSolver2()):
+        assert not FiniteCheck(ts, solver, like).every_step
+    for solver in (EveryStep(BDIA()), Exact(BDIA())):
+        check = FiniteCheck(ts, solver, like)
+        assert check.every_step and check.sums.shape == (6, 2)
     assert FiniteCheck(ts, BDIA(), like, every_step=True).sums.shape == (6, 2)
