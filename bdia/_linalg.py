@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Coef", "Terms", "factored", "lincomb"]
+__all__ = ["Coef", "Terms", "factored", "factored2", "lincomb"]
 
 Coef = float | torch.Tensor  # a python float (float64), or a per-sample tensor broadcastable to the terms
 Terms = list[tuple[Coef, torch.Tensor]]
@@ -48,6 +48,23 @@ def factored(*terms: tuple[Coef, torch.Tensor]) -> tuple[Coef, torch.Tensor]:
     coefficients are not factored either.
     """
     tensors, coefs = _merged(terms)
+    if len(coefs) == 2:
+        return factored2(coefs[0], tensors[0], coefs[1], tensors[1])
+    return _factored(tensors, coefs)
+
+
+def factored2(a: Coef, U: torch.Tensor, b: Coef, V: torch.Tensor) -> tuple[Coef, torch.Tensor]:
+    """``factored((a, U), (b, V))`` for two distinct tensors: the common case (a step's latent and its network's
+    output), decided without building term lists."""
+    if type(a) is float and type(b) is float and U.dtype not in _HALF and a == a and b == b:
+        if abs(b) > abs(a):  # the larger leads (the first on a tie), as in the general loop
+            return b, torch.add(V, U, alpha=a / b)
+        if a != 0:
+            return a, torch.add(U, V, alpha=b / a)
+    return _factored([U, V], [a, b])
+
+
+def _factored(tensors: list[torch.Tensor], coefs: list[Coef]) -> tuple[Coef, torch.Tensor]:
     s, lead, factor = 0.0, 0, tensors[0].dtype not in _HALF
     for i, c in enumerate(coefs):
         if type(c) is not float:

@@ -69,7 +69,8 @@ class Integrator:
         if pred is None:
             pred = predict(model, x, t, s, **kw)
         A, B, C = self.coefficients(model.schedule, t, s)
-        return lincomb((A, x), *pred.terms(B, C))
+        scale, T = pred.factored(A, x, B, C)
+        return T if scale == 1.0 else T.mul_(scale)
 
     def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
         return State(x, self(model, x, t, t_next, **kw), t, t_next)

@@ -13,10 +13,17 @@ from typing import Any, Protocol
 
 import torch
 
-from bdia._linalg import Coef, Terms, lincomb
+from bdia._linalg import Coef, Terms, factored, factored2, lincomb
 from bdia.schedules import Coefficients, Schedule
 
 __all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Model", "Prediction"]
+
+
+def fold(A: Coef, B: Coef, C: Coef, m: tuple[float, float, float, float]) -> tuple[Coef, Coef]:
+    """The coefficients on ``x`` and ``out`` of ``A x + B x0 + C eps`` when ``x0 = a x + b out``, ``eps = c x + d out``
+    (``m = (a, b, c, d)``): a function of the times alone, which a solver may memoise per grid point."""
+    a, b, c, d = m
+    return A + (B * a + C * c), B * b + C * d
 
 
 class Prediction:
@@ -50,6 +57,14 @@ class Prediction:
             return [(B, self.u), (C, self.v)]
         a, b, c, d = self.m
         return [(B * a + C * c, self.u), (B * b + C * d, self.v)]
+
+    def factored(self, A: Coef, x: torch.Tensor, B: Coef, C: Coef) -> tuple[Coef, torch.Tensor]:
+        """An affine step's ``A x + B x0 + C eps`` as ``(s, T)``, ``s T`` the sum (``bdia._linalg.factored``).
+        A ``Model``'s prediction is in ``x`` itself and the network output: two tensors, one ``torch.add``."""
+        if self.u is x and self.m is not None:
+            cx, cv = fold(A, B, C, self.m)
+            return factored2(cx, x, cv, self.v)
+        return factored((A, x), *self.terms(B, C))
 
     @property
     def x0(self) -> torch.Tensor:
@@ -158,11 +173,10 @@ class Model:
         self._times: dict[tuple, tuple[torch.Tensor, int, tuple[float, float, float, float]]] = {}
 
     def __call__(self, x: torch.Tensor, t: float, **kwargs: Any) -> Prediction:
-        dtype = self.time_dtype or (x.dtype if x.element_size() >= 4 else torch.float32)
-        key = (t, x.shape[0], dtype, x.device)
-        times, version, m = self._times.get(key) or self._remember(key, t)
+        key = (t, x.shape[0], x.dtype, x.device)
+        times, version, m = self._times.get(key) or self._remember(key)
         if times._version != version:  # the network modified its time tensor in place: build a fresh one
-            times, version, m = self._remember(key, t)
+            times, version, m = self._remember(key)
         out = self.net(x, times, **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -171,10 +185,11 @@ class Model:
             raise TypeError(f"net output dtype {out.dtype} differs from the state's {x.dtype}")
         return Prediction.affine(x, out, m)
 
-    def _remember(self, key: tuple, t: float) -> tuple[torch.Tensor, int, tuple[float, float, float, float]]:
-        """The time tensor and the parametrisation's matrix at ``t``, built once per time, batch, dtype and device
-        (a walk asks for the same few times again and again; building them cost a third of a step)."""
-        _, batch, dtype, device = key
+    def _remember(self, key: tuple) -> tuple[torch.Tensor, int, tuple[float, float, float, float]]:
+        """The time tensor and the parametrisation's matrix at ``t``, built once per time, batch, state dtype and
+        device (a walk asks for the same few times again and again; building them cost a third of a step)."""
+        t, batch, dtype, device = key
+        dtype = self.time_dtype or (dtype if dtype.itemsize >= 4 else torch.float32)
         if not dtype.is_floating_point and t != math.floor(t):
             # an integer time tensor would truncate it (a continuous schedule's time, or a stage between grid points)
             raise ValueError(f"time t={t} is not an integer, so it cannot be passed as time_dtype={dtype}")

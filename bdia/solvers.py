@@ -20,10 +20,10 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from bdia._linalg import factored, lincomb
+from bdia._linalg import factored, factored2, lincomb
 from bdia.gamma import BoundedOBELM, Gamma, GammaFn, as_gamma, obelm_gamma
 from bdia.integrators import DDIM, DDIMInverse, DPMSolver2, Euler, Heun, Integrator, ScaledHeun, _pair
-from bdia.models import Denoiser
+from bdia.models import Denoiser, fold
 from bdia.schedules import PerSchedule, Schedule
 from bdia.state import State
 
@@ -157,8 +157,11 @@ class BDIA:
         return self.integrator.init(model, x, t, t_next, **kw)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
-        F = self.drift(model, _pair(state, self).x, state.t_prev, state.t, t_next, **kw)
-        return State(state.x, F.forward(state.x_prev), state.t, t_next)
+        x, t = state.x, state.t
+        if state.coupled:
+            _pair(state, self)  # (raises)
+        F = self.drift(model, x, state.t_prev, t, t_next, **kw)
+        return State(x, F.forward(state.x_prev), t, t_next)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
         if self.gamma.bounds(model.schedule, t_prev, _pair(state, self).t_prev, state.t)[0] == 0:
@@ -173,8 +176,12 @@ class BDIA:
             g = self.gamma.at(model.schedule, t_prev, t, t_next, x)
         pred = model(x, t, **kw)
         if self._affine:
+            if pred.m is not None and pred.u is x and type(g) is float:
+                # a Model's prediction: F on (x, network output), two numbers memoised per grid point and matrix
+                cx, cv = self._folded(model.schedule, t_prev, t, t_next, g, pred.m)
+                return Drift(g, *factored2(cx, x, cv, pred.v))
             A, B, C = self._plan(model.schedule, t_prev, t, t_next, g)
-            return Drift(g, *factored((A, x), *pred.terms(B, C)))
+            return Drift(g, *pred.factored(A, x, B, C))
         ahead = self.integrator(model, x, t, t_next, pred, **kw)
         back = self.backward(model, x, t, t_prev, pred, **kw)
         return Drift(g, *factored((1.0, ahead), (-g, back)))
@@ -191,6 +198,17 @@ class BDIA:
             if plans is not None and len(plans) < 1 << 12:  # a few grids' worth
                 plans[key] = plan
         return plan
+
+    def _folded(self, schedule: Schedule, t_prev: float, t: float, t_next: float, g: float, m: tuple) -> tuple:
+        """``fold`` of the plan by a prediction matrix ``m`` (the same numbers ``Prediction.factored`` computes)."""
+        memo = self._plans(schedule)
+        key = (t_prev, t, t_next, g, m)
+        folded = memo.get(key)
+        if folded is None:
+            folded = fold(*self._plan(schedule, t_prev, t, t_next, g), m)
+            if len(memo) < 1 << 12:
+                memo[key] = folded
+        return folded
 
     def amplification(self, schedule: Schedule, times: list[float], forward: bool) -> float:
         """``prod max(1, c_i)`` over the walk's two-step updates: how much a rounding error can grow.

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bdia._linalg import factored, lincomb
-from bdia.models import GaussianMixture
+from bdia.models import GaussianMixture, Model
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM, Euler
 from bdia.state import State
@@ -85,3 +86,20 @@ def test_precomputed_bdia_step_equals_the_term_by_term_update():
             assert torch.allclose(got, want, rtol=0, atol=1e-13), (integrator, gamma)
             A, B, C = integrator.coefficients(sd, t, tn)
             assert torch.allclose(fwd, A * x + B * x0 + C * eps, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample", "v"])
+@pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
+def test_bdia_memoised_fold_is_the_prediction_s_own(prediction, gamma):
+    """BDIA memoises F's two coefficients on (x, network output) per grid point for a Model's prediction: the same
+    bits as ``Prediction.factored`` of the plan, which every other denoiser goes through."""
+    s = DiscreteVP.stable_diffusion()
+    g = torch.Generator().manual_seed(0)
+    x, out = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    model = Model(lambda z, t: out, s, prediction)
+    solver = BDIA(DDIM(), gamma=gamma)
+    for t_prev, t, t_next in [(981.0, 961.0, 941.0), (41.0, 21.0, 1.0), (21.0, 1.0, -1.0)]:
+        F = solver.drift(model, x, t_prev, t, t_next)
+        A, B, C = solver._plan(s, t_prev, t, t_next, gamma)
+        scale, T = model(x, t).factored(A, x, B, C)
+        assert F.scale == scale and torch.equal(F.T, T)
