@@ -63,8 +63,9 @@ def sample(
     ``model_kwargs`` go to every model call (conditioning). No autograd graph is recorded unless ``grad=True``
     (for gradients at constant memory see ``bdia.gradients.sample_with_grad``). ``callback(step)`` runs after
     every step (see ``Step``) and stops the walk by returning ``True``. ``check_finite`` refuses a non-finite
-    input before any model call and raises, naming the first failing step, if a step produced NaN or inf (one
-    reduction per step on the device, one host sync at the end). ``max_amplification``: see ``begin``.
+    input before any model call and raises, naming the first failing step, if a step produced NaN or inf (for the
+    family's solvers one reduction of the final latent, and a replay of a failing walk; see ``FiniteCheck``).
+    ``max_amplification``: see ``begin``.
     """
     return _walk(
         model, x, ts, solver, True, strength, grad, progress, callback, check_finite, max_amplification, model_kwargs
