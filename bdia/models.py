@@ -19,11 +19,11 @@ from bdia.schedules import Coefficients, Schedule
 __all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Model", "Prediction"]
 
 
-def fold(A: Coef, B: Coef, C: Coef, m: tuple[float, float, float, float]) -> tuple[Coef, Coef]:
-    """The coefficients on ``x`` and ``out`` of ``A x + B x0 + C eps`` when ``x0 = a x + b out``, ``eps = c x + d out``
-    (``m = (a, b, c, d)``): a function of the times alone, which a solver may memoise per grid point."""
+def fold(B: Coef, C: Coef, m: tuple[float, float, float, float]) -> tuple[Coef, Coef]:
+    """The coefficients on ``u`` and ``v`` of ``B x0 + C eps`` when ``x0 = a u + b v``, ``eps = c u + d v``
+    (``m = (a, b, c, d)``): numbers of the times alone, which a solver may memoise per grid point."""
     a, b, c, d = m
-    return A + (B * a + C * c), B * b + C * d
+    return B * a + C * c, B * b + C * d
 
 
 class Prediction:
@@ -55,15 +55,15 @@ class Prediction:
         """The terms of ``B x0 + C eps`` on ``u`` and ``v``, coefficients combined in float64 (no tensor touched)."""
         if self.m is None:
             return [(B, self.u), (C, self.v)]
-        a, b, c, d = self.m
-        return [(B * a + C * c, self.u), (B * b + C * d, self.v)]
+        cu, cv = fold(B, C, self.m)
+        return [(cu, self.u), (cv, self.v)]
 
     def factored(self, A: Coef, x: torch.Tensor, B: Coef, C: Coef) -> tuple[Coef, torch.Tensor]:
         """An affine step's ``A x + B x0 + C eps`` as ``(s, T)``, ``s T`` the sum (``bdia._linalg.factored``).
         A ``Model``'s prediction is in ``x`` itself and the network output: two tensors, one ``torch.add``."""
         if self.u is x and self.m is not None:
-            cx, cv = fold(A, B, C, self.m)
-            return factored2(cx, x, cv, self.v)
+            cu, cv = fold(B, C, self.m)
+            return factored2(A + cu, x, cv, self.v)
         return factored((A, x), *self.terms(B, C))
 
     @property

@@ -182,9 +182,7 @@ def _walk(
             **kw,
         )
         n = len(grid) - 1
-        check = FiniteCheck(grid, solver, state.x, every_step) if check_finite else None
-        if check is not None:
-            check.replayed = every_step is True
+        check = FiniteCheck(grid, solver, state.x, every_step, replayed=every_step is True) if check_finite else None
 
         def after(j: int) -> bool:
             """Record and report the step that reached ``grid[j]``; True: the callback stops the walk."""
@@ -248,10 +246,18 @@ class FiniteCheck:
     approaches.
     """
 
-    def __init__(self, grid: list[float], solver: object, like: torch.Tensor, every_step: bool | None = None):
-        self.grid, self.solver = grid, solver
+    def __init__(
+        self,
+        grid: list[float],
+        solver: object,
+        like: torch.Tensor,
+        every_step: bool | None = None,
+        *,
+        replayed: bool = False,
+    ):
+        """``every_step``: ``None`` decides by the solver; ``replayed``: the walk replays a failing one (message)."""
+        self.grid, self.solver, self.replayed = grid, solver, replayed
         self.every_step = not getattr(solver, "nonfinite_persists", False) if every_step is None else every_step
-        self.replayed = False  # set on a replay, for the message
         if self.every_step:
             self.sums = torch.zeros(len(grid), 2, dtype=_sum_dtype(like), device=like.device)
             self._dims = tuple(range(like.dim()))

@@ -205,7 +205,9 @@ class BDIA:
         key = (t_prev, t, t_next, g, m)
         folded = memo.get(key)
         if folded is None:
-            folded = fold(*self._plan(schedule, t_prev, t, t_next, g), m)
+            A, B, C = self._plan(schedule, t_prev, t, t_next, g)
+            cu, cv = fold(B, C, m)
+            folded = (A + cu, cv)
             if len(memo) < 1 << 12:
                 memo[key] = folded
         return folded
