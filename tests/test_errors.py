@@ -135,6 +135,16 @@ def test_model_errors():
         Model(lambda x, t: x.double(), s)(torch.zeros(2, 4), 10.0)
 
 
+def test_prediction_errors():
+    """A denoiser's Prediction takes tensors (term lists are Prediction.affine's business)."""
+    from bdia.models import Prediction
+
+    with pytest.raises(TypeError, match=r"Prediction.x0 must be a tensor, got list"):
+        Prediction([(1.0, torch.zeros(2))], torch.zeros(2))
+    with pytest.raises(TypeError, match=r"Prediction.eps must be a tensor, got float"):
+        Prediction(torch.zeros(2), 0.0)
+
+
 def test_cfg_errors():
     net = lambda x, t, c: x  # noqa: E731
     with pytest.raises(ValueError, match="same conditioning keywords"):
