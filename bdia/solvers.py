@@ -157,9 +157,7 @@ class BDIA:
         return self.integrator.init(model, x, t, t_next, **kw)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
-        x, t = state.x, state.t
-        if state.coupled:
-            _pair(state, self)  # (raises)
+        x, t = _pair(state, self).x, state.t
         F = self.drift(model, x, state.t_prev, t, t_next, **kw)
         return State(x, F.forward(state.x_prev), t, t_next)
 
