@@ -1,5 +1,7 @@
-"""EDICT (Wallace et al. 2023) and O-BELM (Wang et al. 2024): updates pinned to the papers' equations, exact
-round trips with tolerances that scale with the dtype's eps and N, NFE, and clear errors for bad input."""
+"""EDICT (Wallace et al. 2023) and O-BELM (Wang et al. 2024): updates pinned to the papers' equations and to the
+official EDICT code's loop (written here from its description: on odd steps the copies are updated in the other
+order, the mixing is unchanged), round trips against ``bdia.testing``'s rounding model, NFE, O-BELM's bounded
+per-step gamma, and clear errors for bad input."""
 
 from __future__ import annotations
 
@@ -10,10 +12,12 @@ import pytest
 import torch
 
 import bdia
+from bdia import testing
+from bdia.gamma import BoundedOBELM
 from bdia.models import CountNFE, GaussianMixture
 from bdia.report import relative_error as rel_err
 from bdia.schedules import EDM, DiscreteVP
-from bdia.solvers import BDIA, DDIM, EDICT, OBELM, Euler, Heun, obelm_gamma
+from bdia.solvers import BDIA, DDIM, EDICT, OBELM, EDICTState, Euler, Heun, obelm_gamma
 from bdia.state import State
 
 SD = DiscreteVP.stable_diffusion()
@@ -85,23 +89,18 @@ def test_edict_over_euler_is_euler_with_the_other_copys_eps():
 @pytest.mark.parametrize("integrator", [DDIM(), Euler()], ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_edict_round_trips_are_exact_to_rounding(integrator, dtype):
-    """50 SD steps both ways. Each step and its inverse make O(10) roundings, amplified at most by the
-    1/p and alpha_t/alpha_s factors of the inverse (about 1.1 each): 10 N eps bounds the relative error
-    (measured: about 0.2 N eps in float64, 0.7 N eps in float32)."""
+    """50 SD steps both ways, both coupled copies at every point of the walk, to the rounding model
+    (``bdia.testing.round_trip``): both ways exact (EDICT starts both copies on the data: no approximation)."""
     N = 50
     model, grid = _mixture(), SD.timesteps(N, "leading", steps_offset=1)
     solver = EDICT(integrator)
-    tol = 10 * N * torch.finfo(dtype).eps
     z = _noise(16, 8, dtype)
     out = bdia.sample(model, z, grid, solver)
     assert out.x.dtype == dtype
     back = bdia.invert(model, out, grid, solver)
     assert (back.t_prev, back.t) == (grid[0].item(), grid[0].item())
-    assert rel_err(back.x, z) < tol and rel_err(back.x_prev, z) < tol
-    # data -> invert -> sample: exact as well (EDICT starts both copies on the data: no approximation)
     data = model.sample(16, torch.Generator().manual_seed(5)).to(dtype)
-    inv = bdia.invert(model, data, grid, solver)
-    assert rel_err(bdia.sample(model, inv, grid, solver).x, data) < tol
+    testing.assert_round_trip(model, z, grid, solver, data=data)
 
 
 def test_edict_costs_two_evaluations_per_step_both_ways():
@@ -203,13 +202,130 @@ def test_obelm_trajectory_equals_the_published_recursion():
 
 
 def test_obelm_inverts_exactly_in_float64_and_costs_one_evaluation_per_step():
-    """Its inverse divides by gamma_i, some far below 1: the bound scales with prod(max(1, 1/gamma_i))."""
+    """Its inverse divides by gamma_i, some far below 1 (prod 1/gamma_i = 1.6e3 here): the rounding model measures
+    that growth on the walk."""
     N = 20
     model, grid = CountNFE(_mixture()), SD.timesteps(N, "leading", steps_offset=1)
-    ts = grid.tolist()
-    growth = math.prod(max(1.0, 1.0 / obelm_gamma(SD, ts[i - 1], ts[i], ts[i + 1])) for i in range(1, N))
     z = _noise(8, 8)
-    out = bdia.sample(model, z, grid, OBELM())
+    bdia.sample(model, z, grid, OBELM())
     assert model.calls == N
-    back = bdia.invert(model, out, grid, OBELM())
-    assert rel_err(back.x, z) < 10 * N * torch.finfo(torch.float64).eps * growth
+    (r,) = testing.assert_round_trip(model, z, grid, OBELM(), growth=True)
+    assert float(r.growth.max()) > 100  # the parasitic root's growth, seen on this walk
+
+
+# ----------------------------------------------------------------------------------------------- EDICT, official order
+
+
+def official_edict(model, z: torch.Tensor, ts: list[float], p: float) -> list[torch.Tensor]:
+    """The official EDICT code's generative loop (its default ``leapfrog_steps=True``), from its description: a
+    pair [x, y]; at step i, for k = 0, 1 the copy ``j = (k + i % 2) % 2`` takes a DDIM step driven by the other
+    copy's noise at the step's start; then x <- p x + (1-p) y and y <- (1-p) x + p y with the new x."""
+    pair = [z.clone(), z.clone()]
+    for i, (t, s) in enumerate(itertools.pairwise(ts)):
+        (a_t, b_t), (a_s, b_s) = model.schedule.alpha_sigma(t), model.schedule.alpha_sigma(s)
+        for k in range(2):
+            j = (k + i % 2) % 2
+            e = model(pair[1 - j], t).eps
+            pair[j] = (a_s / a_t) * pair[j] + (b_s - a_s * b_t / a_t) * e
+        pair[0] = p * pair[0] + (1 - p) * pair[1]
+        pair[1] = (1 - p) * pair[0] + p * pair[1]
+    return pair
+
+
+def official_edict_inverse(model, data: torch.Tensor, ts: list[float], p: float) -> list[torch.Tensor]:
+    """The official code's deterministic noising (``reverse=True``): over the walk reversed, un-mix, then undo the
+    two updates of forward step ``i`` (the one the code calls ``orig_i``) in reverse order."""
+    n = len(ts) - 1
+    pair = [data.clone(), data.clone()]
+    for i in reversed(range(n)):
+        t, s = ts[i], ts[i + 1]  # undoing the step t -> s (t noisier)
+        (a_t, b_t), (a_s, b_s) = model.schedule.alpha_sigma(t), model.schedule.alpha_sigma(s)
+        pair[1] = (pair[1] - (1 - p) * pair[0]) / p
+        pair[0] = (pair[0] - (1 - p) * pair[1]) / p
+        for k in (1, 0):
+            j = (k + i % 2) % 2
+            e = model(pair[1 - j], t).eps
+            pair[j] = (pair[j] - (b_s - a_s * b_t / a_t) * e) / (a_s / a_t)
+    return pair
+
+
+@pytest.mark.parametrize("n", [7, 10])
+def test_edict_alternate_matches_the_official_loop(n):
+    model, grid = _mixture(), SD.timesteps(n, "leading", steps_offset=1)
+    z = _noise(4, 8)
+    out = bdia.sample(model, z, grid, EDICT(alternate=True))
+    x, y = official_edict(model, z, grid.tolist(), 0.93)
+    assert isinstance(out, EDICTState) and out.odd == (n % 2 == 1)
+    torch.testing.assert_close(out.x, x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.x_prev, y, rtol=1e-12, atol=1e-12)
+
+
+def test_edict_alternate_inverts_data_as_the_official_code_for_even_n():
+    model, grid = _mixture(), SD.timesteps(10, "leading", steps_offset=1)
+    data = model.sample(4, torch.Generator().manual_seed(5))
+    inv = bdia.invert(model, data, grid, EDICT(alternate=True))
+    x, y = official_edict_inverse(model, data, grid.tolist(), 0.93)
+    torch.testing.assert_close(inv.x, x, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(inv.x_prev, y, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("n", [9, 20])
+def test_edict_alternate_round_trips_exactly_and_differs_from_the_paper_order(n):
+    model, grid = _mixture(), SD.timesteps(n, "leading", steps_offset=1)
+    z = _noise(8, 8)
+    solver = EDICT(alternate=True)
+    out = bdia.sample(model, z, grid, solver)
+    testing.assert_round_trip(model, z, grid, solver, data=model.sample(8, torch.Generator().manual_seed(6)))
+    assert rel_err(out.x, bdia.sample(model, z, grid, EDICT()).x) > 1e-4
+
+
+def test_edict_state_saves_its_parity(tmp_path):
+    s = EDICTState(_noise(2, 3), _noise(2, 3, seed=1), 5.0, 5.0, coupled=True, odd=True)
+    back = State.from_state_dict(s.state_dict())
+    assert isinstance(back, EDICTState) and back.odd is True and torch.equal(back.x, s.x)
+    bdia.state.save(s, tmp_path / "s.pt")
+    assert bdia.state.load(tmp_path / "s.pt").odd is True
+    assert s[0].odd is True and s.to(torch.float32).odd is True
+
+
+def test_edict_alternate_rejects_a_non_bool():
+    with pytest.raises(TypeError, match="alternate must be a bool"):
+        EDICT(alternate=1)  # type: ignore[arg-type]
+    assert repr(EDICT(alternate=True)) == "EDICT(DDIM(), p=0.93, alternate=True)"
+
+
+# ----------------------------------------------------------------------------------------------- O-BELM, bounded
+
+
+def test_bounded_obelm_caps_only_steps_whose_root_exceeds_the_bound():
+    ts = SD.timesteps(100, "trailing", set_alpha_to_one=True).tolist()
+    b = BoundedOBELM(1.0)
+    changed = 0
+    for tp, t, tn in zip(ts, ts[1:], ts[2:], strict=False):
+        g, gb = obelm_gamma(SD, tp, t, tn), b(SD, tp, t, tn)
+        root = g * SD.at(tp).alpha / SD.at(tn).alpha
+        if root <= 1.0:
+            assert gb == g
+        else:
+            changed += 1
+            assert math.isclose(gb * SD.at(tp).alpha / SD.at(tn).alpha, 1.0, rel_tol=1e-14)
+    # the published gamma reaches 5 on the last step of this grid, and the bound changes a minority of steps
+    assert obelm_gamma(SD, ts[-3], ts[-2], ts[-1]) > 4 and 0 < changed < len(ts) // 2
+
+
+def test_obelm_max_root_is_an_option_and_the_default_is_published():
+    model, grid = _mixture(), SD.timesteps(30, "trailing", set_alpha_to_one=True)
+    z = _noise(4, 8)
+    assert OBELM().gamma.fn is obelm_gamma and repr(OBELM()) == "OBELM()"
+    bounded = OBELM(max_root=1.0)
+    assert repr(bounded) == "OBELM(max_root=1.0)" and bounded.order == 2 and bounded.nfe == 1
+    assert bounded.amplification(SD, grid.tolist(), True) == 1.0 < OBELM().amplification(SD, grid.tolist(), True)
+    a, b = bdia.sample(model, z, grid, OBELM()).x, bdia.sample(model, z, grid, bounded).x
+    assert rel_err(a, b) > 1e-6  # the last steps differ
+    testing.assert_round_trip(model, z, grid, bounded)
+
+
+@pytest.mark.parametrize("bad,err", [(0.0, ValueError), (-1.0, ValueError), (math.inf, ValueError), ("1", TypeError)])
+def test_bounded_obelm_rejects_bad_bounds(bad, err):
+    with pytest.raises(err, match="max_root"):
+        OBELM(max_root=bad)

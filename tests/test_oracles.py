@@ -1,6 +1,8 @@
-"""Oracles: schedules, grids and DDIM steps against diffusers; Heun against EDM's Algorithm 1 written here from the
-paper; BDIA with gamma = 0 against the plain integrators; a BDIA-DDIM step derived by hand (the gamma convention);
-Euler against DDIM where the two must coincide.
+"""Oracles: schedules, grids and DDIM steps against diffusers, DDIM inversion as diffusers' ``DDIMInverseScheduler``
+runs it; Heun against EDM's Algorithm 1 written here from the paper; ``ScaledHeun`` and ``DPMSolver2`` against the
+papers' formulas (DPM-Solver-2 with VP's closed-form inverse of lambda from Lu et al. 2022, independent of the library's
+bisection) and exactness for a constant noise prediction; BDIA with gamma = 0 against the plain integrators; a
+BDIA-DDIM step derived by hand (the gamma convention); Euler against DDIM where the two must coincide.
 
 Float32 rounding bounds use ``u = 2^-24`` (float32's unit roundoff): each rounded operation changes a result of
 magnitude ``m`` by at most ``u m``. A bound below counts the operations on each path and says so.
@@ -16,11 +18,14 @@ import torch
 
 import bdia
 from bdia.models import CountNFE, GaussianMixture, Model, Prediction
-from bdia.schedules import EDM, DiscreteVP, Flow
-from bdia.solvers import BDIA, DDIM, Euler, Heun
+from bdia.report import relative_error
+from bdia.schedules import EDM, VP, DiscreteVP, Flow
+from bdia.solvers import BDIA, DDIM, DDIMInverse, DPMSolver2, Euler, Heun, ScaledHeun
 from bdia.state import State
+from bdia.testing import ConstantNoise
 
 U32 = 2.0**-24
+SD_SCHEDULE = DiscreteVP.from_betas("scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
 T = 1000
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 BETAS = {
@@ -331,3 +336,136 @@ def test_euler_equals_ddim_on_edm_and_flow_only(kind):
     else:
         # x0 and eps of the mixture satisfy x = alpha x0 + sigma eps only to rounding, which is all that differs
         assert diff < 1e-12
+
+
+def _mixture(schedule=SD_SCHEDULE, dim: int = 8, seed: int = 1) -> GaussianMixture:
+    return GaussianMixture.random(schedule, dim=dim, components=4, std=0.3, seed=seed)
+
+
+def _noise(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDIM inversion as editing pipelines run it: DDIMInverse against diffusers' DDIMInverseScheduler
+
+
+@pytest.mark.parametrize("pred,spacing,offset,to_one,n", [c for c in DDIM_CASES if c[0] == "epsilon"])
+def test_ddim_inverse_matches_diffusers_inverse_scheduler_step_by_step(diffusers, pred, spacing, offset, to_one, n):
+    """diffusers' pipelines call ``DDIMInverseScheduler.step(unet(x, t), t, x)``: the output at the destination ``t``
+    moves ``x`` from ``t - T // n`` to ``t``. ``invert`` with ``DDIMInverse()`` must make the same step."""
+    sched, schedule, ts, net, model = _ddim_setup(
+        diffusers, diffusers.DDIMInverseScheduler, pred, spacing, offset, to_one, n
+    )
+    up = ts.flip(0).tolist()
+    assert [float(t) for t in sched.timesteps.tolist()] == up[1:]
+    x_0 = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    path = [x_0]
+    counted = CountNFE(model)
+    bdia.invert(counted, x_0, ts, DDIMInverse(), callback=lambda st: path.append(st.state.x))
+    assert len(path) == n + 1 and counted.calls == n
+    for i, t in enumerate(sched.timesteps.tolist()):
+        x = path[i]
+        model_output = net(x, torch.full((4,), float(t)))  # the network at the DESTINATION, as the pipelines call it
+        theirs = sched.step(model_output, t, x).prev_sample
+        bound = _step_bound(schedule, pred, up[i], float(t), x, model_output)
+        err = (theirs - path[i + 1]).abs()
+        assert bool((err <= bound).all()), f"step {i} (to t={t}): err/bound {float((err / bound).max()):.3g}"
+
+
+def test_ddim_inverse_differs_from_ddim_inversion_only_when_inverting():
+    model, grid = _mixture(), SD_SCHEDULE.timesteps(20, "leading", steps_offset=1)
+    z = _noise(6, 8)
+    assert torch.equal(bdia.sample(model, z, grid, DDIMInverse()).x, bdia.sample(model, z, grid, DDIM()).x)
+    data = model.sample(6, torch.Generator().manual_seed(3))
+    a, b = bdia.invert(model, data, grid, DDIMInverse()).x, bdia.invert(model, data, grid, DDIM()).x
+    assert relative_error(a, b) > 1e-3
+    assert isinstance(DDIMInverse().first_order, DDIM) and type(DDIMInverse().first_order) is DDIM
+    assert repr(DDIMInverse()) == "DDIMInverse()"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scaled-time second-order integrators against the papers' formulas
+
+
+@pytest.mark.parametrize("integrator", [ScaledHeun(), DPMSolver2(), DDIM()], ids=repr)
+@pytest.mark.parametrize(
+    "schedule,grid", [(SD_SCHEDULE, SD_SCHEDULE.timesteps(7, "trailing")), (VP(), VP().timesteps(6))]
+)
+def test_exact_when_eps_is_constant(integrator, schedule, grid):
+    c = _noise(3, 5, seed=8)
+    model = ConstantNoise(schedule, c)
+    x = _noise(3, 5, seed=9)
+    ts = grid.tolist()
+    out = bdia.sample(model, x, grid, integrator).x
+    (a0, s0), (a1, s1) = schedule.alpha_sigma(ts[0]), schedule.alpha_sigma(ts[-1])
+    exact = a1 * (x / a0 + (s1 / a1 - s0 / a0) * c)
+    torch.testing.assert_close(out, exact, rtol=1e-12, atol=1e-12)
+
+
+def test_scaled_heun_step_is_the_trapezoid_in_scaled_time():
+    model, ts = _mixture(), SD_SCHEDULE.timesteps(10, "trailing").tolist()
+    x = _noise(4, 8, seed=10)
+    t, s = ts[3], ts[4]
+    (a_t, s_t), (a_s, s_s) = SD_SCHEDULE.alpha_sigma(t), SD_SCHEDULE.alpha_sigma(s)
+    e_t = model(x, t).eps
+    pred_x = a_s * (x / a_t + (s_s / a_s - s_t / a_t) * e_t)  # Euler in (xbar, sbar)
+    want = a_s * (x / a_t + (s_s / a_s - s_t / a_t) * 0.5 * (e_t + model(pred_x, s).eps))
+    torch.testing.assert_close(ScaledHeun()(model, x, t, s), want, rtol=1e-12, atol=1e-12)
+
+
+def test_scaled_heun_equals_heun_on_edm():
+    model, grid = _mixture(EDM()), EDM().timesteps(8)
+    x = 80 * _noise(4, 8, seed=11)
+    torch.testing.assert_close(
+        bdia.sample(model, x, grid, ScaledHeun()).x, bdia.sample(model, x, grid, Heun()).x, rtol=1e-12, atol=1e-12
+    )
+
+
+def _vp_t_of_lambda(vp: VP, lam: float) -> float:
+    """Lu et al. (2022), the inverse of lambda(t) = log(alpha/sigma) for the linear VP schedule."""
+    b0, b1 = vp.beta_min, vp.beta_max
+    L = math.log1p(math.exp(-2 * lam))
+    return 2 * L / (math.sqrt(b0 * b0 + 2 * (b1 - b0) * L) + b0)
+
+
+def _lam(vp: VP, t: float) -> float:
+    a, s = vp.alpha_sigma(t)
+    return math.log(a / s)
+
+
+def test_dpm_solver_2_matches_algorithm_1_on_vp():
+    vp = VP()
+    model = _mixture(vp)
+    ts = vp.timesteps(6).tolist()
+    x = _noise(4, 8, seed=12)
+    ours = bdia.sample(model, x, vp.timesteps(6), DPMSolver2()).x
+    ref = x
+    for t, s in itertools.pairwise(ts):  # Algorithm 1, DPM-Solver-2, r1 = 1/2
+        h = _lam(vp, s) - _lam(vp, t)
+        s1 = _vp_t_of_lambda(vp, _lam(vp, t) + 0.5 * h)
+        (a_t, _), (a_1, g_1), (a_s, g_s) = (vp.alpha_sigma(u) for u in (t, s1, s))
+        e_t = model(ref, t).eps
+        u = (a_1 / a_t) * ref - g_1 * math.expm1(0.5 * h) * e_t
+        ref = (a_s / a_t) * ref - g_s * math.expm1(h) * model(u, s1).eps
+    # the midpoint by bisection agrees with the closed form to about 1e-15 in t; the rest is arithmetic
+    torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
+
+
+def test_dpm_solver_2_midpoint_is_the_geometric_mean_of_sbar():
+    d = DPMSolver2()
+    for sch, t, s in ((SD_SCHEDULE, 500.0, 300.0), (SD_SCHEDULE, 40.0, 0.0), (VP(), 0.9, 0.1), (EDM(), 80.0, 2.0)):
+        m = d.midpoint(sch, t, s)
+        assert s < m < t
+        assert math.isclose(sch.snr_sbar(m), math.sqrt(sch.snr_sbar(t) * sch.snr_sbar(s)), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("integrator", [ScaledHeun(), DPMSolver2()], ids=repr)
+def test_second_order_integrators_cost_2n_minus_1_to_sigma_zero(integrator):
+    model = CountNFE(_mixture())
+    grid = SD_SCHEDULE.timesteps(10, "trailing", set_alpha_to_one=True)
+    bdia.sample(model, _noise(2, 8), grid, integrator)
+    assert model.calls == 2 * 10 - 1
+    assert type(integrator.first_order) is DDIM and integrator.order == 2 and integrator.nfe == 2
+    # BDIA over it: its first-order backward step shares the evaluation (1 more per step than BDIA-DDIM)
+    assert BDIA(integrator, 0.5).nfe == 2 and type(BDIA(integrator, 0.5).backward) is DDIM
