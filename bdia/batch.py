@@ -96,21 +96,37 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (grey, RGB, grey + alpha, RGBA)
 
 
-def read_png(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+MAX_PIXELS = 2**26  # read_png's default limit: 8192 x 8192 pixels
+
+
+def read_png(path: str | Path, dtype: torch.dtype = torch.float32, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """A PNG image as a ``(C, H, W)`` tensor in [-1, 1] (``v / (max / 2) - 1``), C = 1 (grey) or 3 (RGB).
 
     Reads non-interlaced 8- and 16-bit grey, grey + alpha, RGB and RGBA (alpha is dropped); anything else
-    (palette, fewer than 8 bits, interlaced) is refused with a message."""
+    (palette, fewer than 8 bits, interlaced) is refused with a message. The file is untrusted data: the chunks'
+    CRCs are checked, an image of more than ``max_pixels`` pixels is refused before its data is inflated, and the
+    data is inflated incrementally up to the size its header announces, so a small file cannot claim memory
+    (a decompression bomb is refused after at most that many bytes)."""
     path = Path(path)
     data = path.read_bytes()
     if not data.startswith(_PNG_SIGNATURE):
         raise DatasetError(f"{path} is not a PNG file")
     pos, header, idat = len(_PNG_SIGNATURE), None, []
-    while pos + 8 <= len(data):
+    while True:
+        if pos + 12 > len(data):
+            raise DatasetError(f"{path} is a truncated PNG (no IEND chunk)")
         length, tag = struct.unpack(">I4s", data[pos : pos + 8])
+        if pos + 12 + length > len(data):
+            raise DatasetError(f"{path} is a truncated PNG (its {tag!r} chunk runs past the end of the file)")
         body = data[pos + 8 : pos + 8 + length]
+        if tag in (b"IHDR", b"IDAT"):  # the chunks this reader uses: a damaged one must not decode to wrong pixels
+            (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+            if zlib.crc32(tag + body) != crc:
+                raise DatasetError(f"{path} is a damaged PNG (its {tag.decode()} chunk fails its CRC)")
         pos += 12 + length  # length, tag, body, CRC
         if tag == b"IHDR":
+            if header is not None or length != 13:
+                raise DatasetError(f"{path} is a damaged PNG (a second IHDR chunk, or one of {length} bytes)")
             header = struct.unpack(">IIBBBBB", body)
         elif tag == b"IDAT":
             idat.append(body)
@@ -125,11 +141,24 @@ def read_png(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.Tens
             f"{path}: unsupported PNG (bit depth {depth}, colour type {colour}, interlace {interlace}); "
             "expected non-interlaced 8- or 16-bit grey, grey + alpha, RGB or RGBA"
         )
+    if not (1 <= width and 1 <= height and width * height <= max_pixels):
+        raise DatasetError(f"{path}: a {width} x {height} image; expected 1 to max_pixels={max_pixels} pixels")
     bpp = channels * depth // 8  # bytes per pixel: the distance the filters look back
     stride = width * bpp
-    raw = zlib.decompress(b"".join(idat))
-    if len(raw) != height * (stride + 1):
-        raise DatasetError(f"{path}: image data has {len(raw)} bytes, expected {height * (stride + 1)}")
+    expected = height * (stride + 1)
+    inflate, raw = zlib.decompressobj(), bytearray()
+    try:
+        for body in idat:  # at most one byte more than the header allows, however far the data would inflate
+            raw += inflate.decompress(body, expected + 1 - len(raw))
+            if len(raw) > expected:
+                raise DatasetError(
+                    f"{path}: its image data inflates past the {expected} bytes its header ({width} x {height}, "
+                    f"{channels} channel(s) of {depth} bits) announces"
+                )
+    except zlib.error as e:
+        raise DatasetError(f"{path} is a damaged PNG (its image data does not inflate: {e})") from e
+    if not inflate.eof or len(raw) != expected:
+        raise DatasetError(f"{path}: image data has {len(raw)} bytes, expected {expected} (a truncated PNG)")
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, stride + 1)
     out = np.empty((height, stride), dtype=np.uint8)
     prev = np.zeros(stride, dtype=np.uint8)
