@@ -273,3 +273,19 @@ def test_write_png_without_matplotlib(tmp_path):
     n = int.from_bytes(data[33:37], "big")
     raw = zlib.decompress(data[41 : 41 + n])
     assert len(raw) == 3 * 5 and raw[1] == 255 and raw[-1] == 0
+
+
+def test_labels_outside_the_classes_are_refused_by_name(heldout):
+    """Class 11 or -1 is not a digit: a clear error naming labels and the range (before: IndexError from the
+    embedding); a bool tensor is not a class either."""
+    x, _ = heldout
+    model = digits.model()
+    for bad in (11, -1):
+        labels = torch.tensor([3, bad, 10])
+        with pytest.raises(ValueError, match=rf"labels must be classes 0..10 \(10: unconditional\), got {bad}"):
+            model(x[:3], 500.0, labels=labels)
+        with pytest.raises(ValueError, match=rf"got {bad}"):
+            digits.model(guidance=2.0)(x[:3], 500.0, labels=labels)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model(x[:2], 500.0, labels=torch.tensor([True, False]))
+    model(x[:3], 500.0, labels=torch.tensor([0, 9, 10]))  # the range's ends
