@@ -14,7 +14,7 @@ from bdia.__main__ import main
 QUIET = "--no-progress"
 
 
-def test_naming_the_same_solver_keeps_its_parameter(tmp_path):
+def test_naming_the_same_solver_keeps_its_parameter(tmp_path, capsys):
     """``--solver bdia`` on a gamma = 0.5 run keeps gamma = 0.5 (before: reset to 1, latents off by 16% while the
     round trip still looked exact); the inverted latents are the noise the samples came from."""
     s, inv = tmp_path / "s", tmp_path / "inv"
@@ -27,9 +27,10 @@ def test_naming_the_same_solver_keeps_its_parameter(tmp_path):
     z = torch.stack([batch.noise(0, i, (64,), torch.float64) for i in range(6)])
     latents = batch.load_dataset(inv).state.x
     assert float((latents - z).norm() / z.norm()) < 1e-10  # gamma 1 on a gamma 0.5 run: 0.1 and more
-    # an explicit value still wins
-    assert main(["invert", "--input", str(s), "--gamma", "1", QUIET, "--out", str(tmp_path / "g1")]) == 0
-    assert batch.read_manifest(tmp_path / "g1")["description"]["gamma"] == 1.0
+    # an explicit value is used, and the walk refuses to continue a gamma = 0.5 state with gamma = 1
+    assert main(["invert", "--input", str(s), "--gamma", "1", QUIET, "--out", str(tmp_path / "g1")]) == 2
+    err = capsys.readouterr().err
+    assert "gamma=0.5" in err and "BDIA(DDIM(), gamma=1.0" in err and "Traceback" not in err
 
 
 def test_edict_keeps_p_and_a_new_step_count_keeps_the_spacing(tmp_path):
@@ -38,11 +39,9 @@ def test_edict_keeps_p_and_a_new_step_count_keeps_the_spacing(tmp_path):
     assert main([*argv, "--p", "0.8", QUIET, "--out", str(s)]) == 0
     assert main(["invert", "--input", str(s), "--solver", "edict", QUIET, "--out", str(tmp_path / "a")]) == 0
     assert batch.read_manifest(tmp_path / "a")["description"]["p"] == 0.8
-    assert main(["invert", "--input", str(s), "--steps", "6", QUIET, "--out", str(tmp_path / "b")]) == 0
+    # --steps alone: the spacing is still the run's (a trailing grid of 4 steps is another grid, which the walk
+    # would refuse to continue the run's states on)
+    assert main(["invert", "--input", str(s), "--steps", "4", QUIET, "--out", str(tmp_path / "b")]) == 0
     d = batch.read_manifest(tmp_path / "b")["description"]
-    assert (d["steps"], d["spacing"], d["solver"], d["p"]) == (6, "leading", "edict", 0.8)
-    grid = batch.read_manifest(tmp_path / "b")["grid"]
-    from bdia.__main__ import _gmm
-
-    want = _gmm(torch.device("cpu"), torch.float32, None).schedule.timesteps(6, spacing="leading").tolist()
-    assert grid == want
+    assert (d["steps"], d["spacing"], d["solver"], d["p"]) == (4, "leading", "edict", 0.8)
+    assert batch.read_manifest(tmp_path / "b")["grid"] == batch.read_manifest(s)["grid"]
