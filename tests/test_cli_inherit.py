@@ -33,7 +33,7 @@ def test_naming_the_same_solver_keeps_its_parameter(tmp_path, capsys):
     assert "gamma=0.5" in err and "BDIA(DDIM(), gamma=1.0" in err and "Traceback" not in err
 
 
-def test_edict_keeps_p_and_a_new_step_count_keeps_the_spacing(tmp_path):
+def test_edict_keeps_p_and_a_new_step_count_keeps_the_spacing(tmp_path, capsys):
     s = tmp_path / "s"
     argv = ["sample", "--model", "gmm", "-n", "2", "--steps", "4", "--spacing", "leading", "--solver", "edict"]
     assert main([*argv, "--p", "0.8", QUIET, "--out", str(s)]) == 0
@@ -45,3 +45,6 @@ def test_edict_keeps_p_and_a_new_step_count_keeps_the_spacing(tmp_path):
     d = batch.read_manifest(tmp_path / "b")["description"]
     assert (d["steps"], d["spacing"], d["solver"], d["p"]) == (4, "leading", "edict", 0.8)
     assert batch.read_manifest(tmp_path / "b")["grid"] == batch.read_manifest(s)["grid"]
+    # another step count is another grid: the walk refuses to continue the run's states on it
+    assert main(["invert", "--input", str(s), "--steps", "6", QUIET, "--out", str(tmp_path / "c")]) == 2
+    assert "was made on a grid" in capsys.readouterr().err
