@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -33,11 +34,10 @@ from typing import Any, NamedTuple
 import torch
 
 from bdia.gamma import PerSample
-from bdia.integrators import _pair
 from bdia.models import Denoiser
 from bdia.schedules import Schedule
 from bdia.solvers import BDIA
-from bdia.state import State, check_latent, check_state
+from bdia.state import State, _pair, _provenance, check_latent, check_state
 
 __all__ = ["Exact", "ExactState", "Fixed", "SideInformation", "default_frac_bits", "fraction"]
 
@@ -113,7 +113,7 @@ class Fixed:
     stack: tuple[Spill, ...]
     bound: Fraction
     frac_bits: int
-    peak: torch.Tensor | None = None  # the largest |X| any step asked for (float64, 0-d, on the device)
+    peak: torch.Tensor | None = None  # the largest |X| any step asked for, per sample (float64, on the device)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,13 +151,14 @@ class ExactState(State):
             X=f.X[r],
             buffer=f.buffer[r],
             stack=tuple(dataclasses.replace(sp, low=sp.low[r]) for sp in f.stack),
+            peak=None if f.peak is None else f.peak[r],
         )
-        return ExactState(base.x_prev, base.x, self.t_prev, self.t, self.coupled, g)
+        return dataclasses.replace(self, x_prev=base.x_prev, x=base.x, fixed=g)
 
     def flipped(self) -> ExactState:
         f = self.fixed
         g = None if f is None else dataclasses.replace(f, X_prev=f.X, X=f.X_prev)
-        return ExactState(self.x, self.x_prev, self.t, self.t_prev, self.coupled, g)
+        return dataclasses.replace(self, x_prev=self.x, x=self.x_prev, t_prev=self.t, t=self.t_prev, fixed=g)
 
     def to(self, *args: Any, **kwargs: Any) -> ExactState:
         """The integers move to the new device; the floats are dequantised again in the new dtype (exact: the
@@ -178,7 +179,7 @@ class ExactState(State):
         k, dt = f.frac_bits, moved.dtype
         xp = dequantise(g.X_prev, k, dt, ~torch.isnan(self.x_prev).to(device))
         x = dequantise(g.X, k, dt, ~torch.isnan(self.x).to(device))
-        return ExactState(xp, x, self.t_prev, self.t, self.coupled, g)
+        return dataclasses.replace(self, x_prev=xp, x=x, fixed=g)
 
     def state_dict(self) -> dict[str, Any]:
         d = super().state_dict()
@@ -213,9 +214,31 @@ class ExactState(State):
                 for sp in fd["stack"]
             )
             fixed = Fixed(
-                fd["X_prev"], fd["X"], fd["buffer"], stack, Fraction(*fd["bound"]), int(fd["frac_bits"]), fd.get("peak")
+                fd["X_prev"],
+                fd["X"],
+                fd["buffer"],
+                stack,
+                Fraction(*fd["bound"]),
+                int(fd["frac_bits"]),
+                _per_sample(fd.get("peak"), fd["X"]),
             )
-        return ExactState(base.x_prev, base.x, base.t_prev, base.t, base.coupled, fixed)
+        return ExactState(base.x_prev, base.x, base.t_prev, base.t, base.coupled, fixed=fixed, **_provenance(d))
+
+
+def _per_sample(peak: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor | None:
+    """A stored peak, one per sample (files written before it was per sample hold the batch's maximum)."""
+    if peak is None or peak.dim() == 1:
+        return peak
+    return peak.reshape(()).expand(X.shape[0]).clone()
+
+
+def _rowmax(t: torch.Tensor) -> torch.Tensor:
+    """``|t|``'s largest element per sample, float64 (every other part of an exact state is per element too, so
+    that ``state[rows]`` and joining shards keep it exact)."""
+    flat = t.detach().abs().reshape(t.shape[0], -1)
+    if flat.shape[1] == 0:
+        return flat.new_zeros(t.shape[0], dtype=torch.float64)
+    return flat.amax(1).double()
 
 
 def _peak(before: torch.Tensor | None, need: torch.Tensor) -> torch.Tensor:
@@ -257,19 +280,43 @@ def dequantise(X: torch.Tensor, frac_bits: int, dtype: torch.dtype, ok: torch.Te
     return x.to(dtype)
 
 
-@contextlib.contextmanager
-def _deterministic(on: bool) -> Iterator[None]:
-    if not on:
-        yield
-        return
-    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    # cuBLAS needs a fixed workspace for reproducible GEMMs; it must be set before cuBLAS initialises
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn)
+class _DeterministicMode:
+    """``torch.use_deterministic_algorithms(True)`` for as long as any exact walk needs it, in any thread.
+
+    The flag is process-global: a save-and-restore per call, interleaved across threads, can restore another
+    thread's "on" and leave it on for good. Entries are counted under a lock instead: the first turns the mode on
+    (remembering the caller's setting), the last restores that setting.
+    """
+
+    def __init__(self) -> None:
+        self.lock, self.depth, self.saved = threading.Lock(), 0, (False, False)
+
+    @contextlib.contextmanager
+    def __call__(self, on: bool) -> Iterator[None]:
+        if not on:
+            yield
+            return
+        with self.lock:
+            if self.depth == 0:
+                self.saved = (
+                    torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled(),
+                )
+                # cuBLAS needs a fixed workspace for reproducible GEMMs; it must be set before cuBLAS initialises
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.use_deterministic_algorithms(True)
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0:
+                    before, warn = self.saved
+                    torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+_deterministic = _DeterministicMode()
 
 
 class Exact:
@@ -295,6 +342,11 @@ class Exact:
             raise TypeError(f"solver must be a bdia.solvers.BDIA, got {type(self.solver).__name__}")
         if isinstance(self.solver.gamma, PerSample):
             raise TypeError("the exact mode takes a float gamma or a per-step gamma function, not a per-sample tensor")
+        if self.solver.gamma.constant == 0.0:
+            raise ValueError(
+                "Exact(BDIA(gamma=0)) cannot be inverted (gamma = 0 is the plain integrator, which forgets x_prev): "
+                "use gamma > 0"
+            )
         if frac_bits is not None and (isinstance(frac_bits, bool) or not isinstance(frac_bits, int)):
             raise TypeError(f"frac_bits must be an int or None, got {type(frac_bits).__name__}")
         if frac_bits is not None and not (0 <= frac_bits <= 60):
@@ -319,6 +371,10 @@ class Exact:
         """Integer arithmetic: a walk and its inverse meet to the bit, nothing is amplified."""
         return 1.0
 
+    @property
+    def identity(self) -> str:
+        return f"Exact({self.solver.identity}, frac_bits={self.frac_bits}, max_numerator={self.max_numerator})"
+
     def describe_nonfinite(self, state: State) -> str:
         """What went wrong when a walk produced NaN: the fixed-point range left (by how much, and what to pass
         instead), or a non-finite model output."""
@@ -326,7 +382,9 @@ class Exact:
         if f is None or f.peak is None:
             return "check the model output and the grid's end points"
         k = f.frac_bits
-        limit, peak = 2.0 ** (61 - k), float(f.peak) * 2.0**-k  # (one host sync, after the walk)
+        if f.peak.numel() == 0:
+            return "check the model output and the grid's end points"
+        limit, peak = 2.0 ** (61 - k), float(f.peak.max()) * 2.0**-k  # (one host sync, after the walk)
         if not math.isfinite(peak):
             return "the model (or the float surrogate step) produced NaN or inf: check the model output"
         if peak < limit:
@@ -376,7 +434,7 @@ class Exact:
         with _deterministic(self.deterministic):
             x1 = self.solver.integrator(model, x0, t, t_next, **kw)
         X1, ok1 = quantise(x1, k)
-        fixed = Fixed(X0, X1, torch.zeros_like(X0), (), Fraction(1), k, x1.abs().amax().double() * 2.0**k)
+        fixed = Fixed(X0, X1, torch.zeros_like(X0), (), Fraction(1), k, _rowmax(x1) * 2.0**k)
         return ExactState(x0, dequantise(X1, k, x.dtype, ok0 & ok1), t, t_next, fixed=fixed)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> ExactState:
@@ -390,7 +448,7 @@ class Exact:
         ok = okF & (Y.abs() < _STATE_ROOM)
         X_next = Y + F
         # how large a state this step asked for (|gamma X_prev| + |F|), for the error message if it overflowed
-        need = drift.abs().amax().double() * 2.0**f.frac_bits + Y.abs().amax().double()
+        need = _rowmax(drift) * 2.0**f.frac_bits + _rowmax(Y)
         fixed = Fixed(f.X, X_next, buffer, stack, bound, f.frac_bits, _peak(f.peak, need))
         return ExactState(x, dequantise(X_next, f.frac_bits, x.dtype, ok), t, t_next, fixed=fixed)
 
@@ -409,7 +467,7 @@ class Exact:
         F, okF = quantise(drift, f.frac_bits)
         Y = f.X - F
         X_prev, buffer, stack, bound, okY = _divide(Y, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
-        need = (drift.abs().amax().double() * 2.0**f.frac_bits + f.X.abs().amax().double()) * (q / p)
+        need = (_rowmax(drift) * 2.0**f.frac_bits + _rowmax(f.X)) * (q / p)
         fixed = Fixed(X_prev, f.X_prev, buffer, stack, bound, f.frac_bits, _peak(f.peak, need))
         ok = okF & okY & (X_prev.abs() < _STATE_ROOM)
         return ExactState(dequantise(X_prev, f.frac_bits, x.dtype, ok), x, t_prev, t, fixed=fixed)

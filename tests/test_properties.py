@@ -46,17 +46,6 @@ def test_round_trips_are_exact_to_the_measured_rounding(walk):
 # the registry: every solver bdia ships meets the protocol
 
 # known defects, each pinned so that its fix turns the test red (strict): remove the entry then
-
-
-def _known(family, solver, check) -> str | None:
-    if family.name == "edict" and check.name == "the declared amplification is measured" and solver.p < 1:
-        return (
-            "EDICT.amplification returns 1, but its inverse amplifies rounding like p^-2 per step (the mixing's "
-            "contraction run backwards): 278x over 40 EDM steps at p = 0.93"
-        )
-    return None
-
-
 KNOWN_INTEGRATOR = {
     ("DDIMInverse", "coefficients are a function of the times alone"): (
         "DDIMInverse's coefficients are DDIM's, but towards noise its step evaluates the model at the destination, "
@@ -77,9 +66,7 @@ def _solver_cases() -> list:
             solver, exact=family.exact, bitwise=family.bitwise, round_trips=family.cases(solver), order=False
         )
         for check in checks:
-            reason = _known(family, solver, check)
-            marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
-            cases.append(pytest.param(check, id=f"{family.name}:{solver!r}:{check.name}", marks=marks))
+            cases.append(pytest.param(check, id=f"{family.name}:{solver!r}:{check.name}"))
     return cases
 
 
@@ -122,11 +109,6 @@ def test_the_registry_covers_every_public_solver():
     assert {f.name for f in FAMILIES} >= {"bdia", "obelm", "edict", "exact", "integrator"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="EDICT divides by alpha = 0 at the first step from pure noise (ZeroDivisionError, no message)",
-)
 def test_edict_on_a_walk_from_pure_noise_raises_a_clear_error():
     """Rectified flow samples from t = 1, where alpha = 0: EDICT's update divides by alpha. A solver that cannot walk
     a grid refuses it with a ValueError that says why, before any model call."""
@@ -164,7 +146,7 @@ def test_gamma_below_one_amplifies_inversion_rounding(gamma):
     solver = BDIA(DDIM(), gamma)
     out = bdia.sample(model, noise, ts, solver)
     if gamma != 1.0:
-        with pytest.raises(ValueError, match="amplify rounding errors by up to 5.6.e\\+14"):
+        with pytest.raises(ValueError, match="amplify rounding errors by up to 5.8.e\\+14"):
             bdia.invert(model, out, ts, solver)
     err = rel_err(bdia.invert(model, out, ts, solver, max_amplification=math.inf).x, noise)
     if gamma == 1.0:
@@ -192,9 +174,10 @@ def test_state_keeps_the_callers_dtype_and_leaves_inputs_untouched(dtype, kind):
     ts = grid(kind, 6)
     noise = prior_noise(model.schedule, float(ts[0]), (2, 8), torch.Generator().manual_seed(0), dtype)
     before = noise.clone()
-    out = bdia.sample(model, noise, ts, BDIA(Heun(), 0.7))
+    lifted = {"max_amplification": math.inf}  # (half precision on EDM's sigma = 80 grid is refused by default)
+    out = bdia.sample(model, noise, ts, BDIA(Heun(), 0.7), **lifted)
     assert out.x.dtype == out.x_prev.dtype == dtype and out.x.device == noise.device
-    again = bdia.invert(model, out, ts, BDIA(Heun(), 0.7))
+    again = bdia.invert(model, out, ts, BDIA(Heun(), 0.7), **lifted)
     assert again.x.dtype == dtype
     assert torch.equal(noise, before)
 

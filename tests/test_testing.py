@@ -35,25 +35,55 @@ def _noise(schedule, t: float, shape, seed: int = 0, dtype=torch.float32) -> tor
 # broken solvers: an inexact inverse is caught, and where the trajectories parted is named
 
 
-class WrongCoefficient(BDIA):
-    """BDIA whose unstep divides by gamma (1 + delta): an inverse off by a relative ``delta`` per step."""
+class TwoStep:
+    """A user's own two-step solver: BDIA's update written with BDIA's public ``drift`` (a solver of the protocol,
+    with no plan, so that bdia.sample and bdia.invert run its own step and unstep)."""
 
-    def __init__(self, *a, delta: float = 1e-4, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self, integrator=None, gamma: float = 1.0):
+        self.bdia = BDIA(integrator or DDIM(), gamma)
+        self.gamma, self.nfe, self.order = gamma, self.bdia.nfe, self.bdia.order
+        self.nonfinite_persists = True
+
+    def init(self, model, x, t, t_next, **kw):
+        return self.bdia.init(model, x, t, t_next, **kw)
+
+    def step(self, model, state, t_next, **kw):
+        if state.coupled:
+            raise ValueError("TwoStep continues a pair of consecutive points")
+        F = self.bdia.drift(model, state.x, state.t_prev, state.t, t_next, **kw).tensor()
+        return State(state.x, self.gamma * state.x_prev + F, state.t, t_next)
+
+    def unstep(self, model, state, t_prev, **kw):
+        if state.coupled:
+            raise ValueError("TwoStep continues a pair of consecutive points")
+        F = self.bdia.drift(model, state.x_prev, t_prev, state.t_prev, state.t, **kw).tensor()
+        return State((state.x - F) / self.gamma, state.x_prev, t_prev, state.t_prev)
+
+    def amplification(self, schedule, times, forward):
+        return self.bdia.amplification(schedule, times, forward)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(gamma={self.gamma})"
+
+
+class WrongCoefficient(TwoStep):
+    """Its unstep divides by gamma (1 + delta): an inverse off by a relative ``delta`` per step."""
+
+    def __init__(self, integrator=None, gamma: float = 1.0, delta: float = 1e-4):
+        super().__init__(integrator, gamma)
         self.delta = delta
 
     def unstep(self, model, state, t_prev, **kw):
-        F = self.drift(model, state.x_prev, t_prev, state.t_prev, state.t, **kw)
-        g = self.gamma.constant
-        return State((state.x - F.tensor()) / (g * (1 + self.delta)), state.x_prev, t_prev, state.t_prev)
+        F = self.bdia.drift(model, state.x_prev, t_prev, state.t_prev, state.t, **kw).tensor()
+        return State((state.x - F) / (self.gamma * (1 + self.delta)), state.x_prev, t_prev, state.t_prev)
 
 
-class WrongSide(BDIA):
-    """BDIA whose unstep takes the backward neighbour from the wrong side of the grid (a third-party port's bug)."""
+class WrongSide(TwoStep):
+    """Its unstep takes the backward neighbour from the wrong side of the grid (a third-party port's bug)."""
 
     def unstep(self, model, state, t_prev, **kw):
-        F = self.drift(model, state.x_prev, state.t, state.t_prev, t_prev, **kw)
-        return State((state.x - F.tensor()) / self.gamma.constant, state.x_prev, t_prev, state.t_prev)
+        F = self.bdia.drift(model, state.x_prev, state.t, state.t_prev, t_prev, **kw).tensor()
+        return State((state.x - F) / self.gamma, state.x_prev, t_prev, state.t_prev)
 
 
 BROKEN_WALKS = [
@@ -322,49 +352,58 @@ def test_check_integrator_names_the_broken_contract(integrator, check, message):
 # check_solver
 
 
-class UnderDeclares(BDIA):
+class UnderDeclares(TwoStep):
     def amplification(self, schedule, times, forward):
         return 1.0  # whatever gamma is
 
 
-class AcceptsAnything(BDIA):
-    """Continues coupled copies as if they were a pair (no ``_pair`` check)."""
+class AcceptsAnything(TwoStep):
+    """Continues coupled copies as if they were a pair."""
 
     def step(self, model, state, t_next, **kw):
-        F = self.drift(model, state.x, state.t_prev, state.t, t_next, **kw)
-        return State(state.x, F.forward(state.x_prev), state.t, t_next)
+        F = self.bdia.drift(model, state.x, state.t_prev, state.t, t_next, **kw).tensor()
+        return State(state.x, self.gamma * state.x_prev + F, state.t, t_next)
 
 
-class OverwritesItsInput(BDIA):
+class OverwritesItsInput(TwoStep):
     def step(self, model, state, t_next, **kw):
         out = super().step(model, state, t_next, **kw)
         state.x_prev.mul_(0.5)
         return out
 
 
-class ClaimsTwoEvaluations(BDIA):
+class ClaimsTwoEvaluations(TwoStep):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.nfe = 2
 
 
-class ClaimsSecondOrderBDIA(BDIA):
+class ClaimsSecondOrder2(TwoStep):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.order = 2
+
+
+class OverridesUnstepOnly(BDIA):
+    """A BDIA subclass with its own (here: wrong) unstep: bdia.invert runs BDIA's plan, not this method."""
+
+    def unstep(self, model, state, t_prev, **kw):
+        back = super().unstep(model, state, t_prev, **kw)
+        return back.replace(x_prev=back.x_prev * (1 + 1e-4))
 
 
 @pytest.mark.parametrize(
     "solver,check,message",
     [
         (WrongSide(DDIM(), 1.0), "unstep inverts step (round trips)", "trajectories parted at point 1"),
-        (UnderDeclares(DDIM(), 0.5), "the declared amplification is measured", r"declares 1 for inverting 12"),
+        (UnderDeclares(DDIM(), 0.5), "the declared amplification is measured", r"declares 1 for inverting SD"),
         (AcceptsAnything(DDIM(), 1.0), "states it makes, accepts and refuses", "step accepted coupled copies"),
         (OverwritesItsInput(DDIM(), 1.0), "steps are pure functions of their inputs", "modified a state it was given"),
         (ClaimsTwoEvaluations(DDIM(), 1.0), "nfe is the number of evaluations", "declares nfe = 2, but a step made 1"),
-        (ClaimsSecondOrderBDIA(DDIM(), 0.5), "the declared order is measured", r"declares order = 2"),
+        (ClaimsSecondOrder2(DDIM(), 0.5), "the declared order is measured", r"declares order = 2"),
+        (OverridesUnstepOnly(DDIM(), 1.0), "walks are the solver's own steps", "must override plan too"),
     ],
-    ids=["wrong-side", "under-declared", "accepts-coupled", "overwrites", "nfe", "order"],
+    ids=["wrong-side", "under-declared", "accepts-coupled", "overwrites", "nfe", "order", "plan-bypasses-unstep"],
 )
 def test_check_solver_names_the_broken_contract(solver, check, message):
     checks = {c.name: c for c in testing.solver_checks(solver)}
@@ -373,7 +412,9 @@ def test_check_solver_names_the_broken_contract(solver, check, message):
 
 
 def test_check_solver_passes_a_custom_solver_in_one_line():
-    """A user's own two-step scheme: BDIA over Heun with a Heun backward step, gamma 0.8 (it passes every check)."""
+    """A user's own two-step scheme (BDIA's equations through the protocol alone) and BDIA over Heun with a Heun
+    backward step at gamma 0.8 pass every check."""
+    testing.check_solver(TwoStep(DDIM(), 0.8))
     testing.check_solver(BDIA(Heun(), 0.8, backward=Heun()), order=False)
 
 

@@ -65,6 +65,7 @@ class RoundTrip:
     dtype: torch.dtype
     times: list[tuple[float, float]]  # (t_prev, t) of each point of W2, in walk order
     start: torch.Tensor  # (B,) |start|
+    scales: torch.Tensor  # (P, B) |state_k|, the first walk's state at each point of W2
     error: torch.Tensor  # (B,) |output - start|
     errors: torch.Tensor  # (P, B)
     bounds: torch.Tensor  # (P, B)
@@ -242,6 +243,7 @@ def round_trip(
             dtype=dtype,
             times=times,
             start=start,
+            scales=sizes,
             error=error,
             errors=errors,
             amplification=amp,
