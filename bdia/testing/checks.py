@@ -4,9 +4,9 @@
 Each runs a list of named checks (``integrator_checks``, ``solver_checks``, ``denoiser_checks`` give them, to
 parametrise a test with one case per check, as scikit-learn's ``parametrize_with_checks`` does) and raises one
 ``AssertionError`` naming every check that failed and why. The problems they run on are small and exact where
-possible: the analytic Gaussian mixture (``bdia.models.GaussianMixture``), the linear test problem of the scaled ODE
-(a constant noise prediction, where DDIM is exact and only a solver's parasitic root amplifies), and seeded random
-conv nets (``bdia.testing.RandomNet``).
+possible: the analytic Gaussian mixture (``bdia.models.GaussianMixture``; with one unit-variance component its
+denoiser is linear, and a walk's growth of a perturbation is the solver's alone), and seeded random conv nets
+(``bdia.testing.RandomNet``).
 """
 
 from __future__ import annotations
