@@ -27,7 +27,7 @@ from bdia.schedules import EDM, VP, DiscreteVP, Flow, Schedule
 from bdia.state import State, check_state
 from bdia.testing.accuracy import OrderProblem, measured_order
 from bdia.testing.networks import random_model
-from bdia.testing.roundtrip import ROUNDINGS, _oriented, round_trip
+from bdia.testing.roundtrip import _oriented, round_trip
 
 __all__ = [
     "Check",
@@ -471,7 +471,7 @@ def solver_checks(
     bitwise: bool = False,
     round_trips: Sequence[RoundTripCase] | None = None,
     order: bool = True,
-    roundings: int = ROUNDINGS,
+    roundings: int | None = None,
     devices: Sequence[str | torch.device] | None = None,
     problem: OrderProblem | None = None,
 ) -> list[Check]:
@@ -505,7 +505,7 @@ def check_solver(
     bitwise: bool = False,
     round_trips: Sequence[RoundTripCase] | None = None,
     order: bool = True,
-    roundings: int = ROUNDINGS,
+    roundings: int | None = None,
     devices: Sequence[str | torch.device] | None = None,
     problem: OrderProblem | None = None,
 ) -> None:

@@ -15,13 +15,23 @@ import itertools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from bdia.exact import Exact
+from bdia.exact import Exact, fraction
 from bdia.gamma import BoundedOBELM, obelm_gamma
 from bdia.integrators import DDIM, DDIMInverse, DPMSolver2, Euler, Heun, Integrator, ScaledHeun
 from bdia.schedules import Schedule
 from bdia.solvers import BDIA, EDICT, OBELM
 
-__all__ = ["BOTH", "FAMILIES", "INTEGRATORS", "Choice", "Family", "Interval", "covered_types", "examples"]
+__all__ = [
+    "BOTH",
+    "FAMILIES",
+    "INTEGRATORS",
+    "Choice",
+    "Family",
+    "Interval",
+    "covered_types",
+    "examples",
+    "roundings",
+]
 
 INTEGRATORS: tuple[type[Integrator], ...] = (Euler, DDIM, DDIMInverse, Heun, ScaledHeun, DPMSolver2)
 """The one-step integrators, each built with no arguments."""
@@ -71,8 +81,13 @@ def _fixed_point_range(solver: Exact, schedule: Schedule, times: list[float]) ->
     that starts next to alpha = 0 (an epsilon model's ``x0 = (x - sigma eps) / alpha`` reaches ``1/alpha`` times the
     data), and not inverting data over a walk whose wrapped BDIA grows rounding past 100: data's pair is not one that
     sampling made, and its inverse grows it like ``1/gamma`` per step (the integers are exact: the states really are
-    that large)."""
+    that large); and not where a step's gamma is too small for a fraction ``p/q`` with ``q <= 2^30``."""
     if schedule.at(times[0]).alpha < 0.01:
+        return ()
+    try:  # each step's gamma as the fraction p/q the mode multiplies by (O-BELM's can be too small for one)
+        for t_prev, t, t_next in zip(times, times[1:], times[2:], strict=False):
+            fraction(solver.solver.gamma.bounds(schedule, t_prev, t, t_next)[0], solver.max_numerator)
+    except ValueError:
         return ()
     return BOTH if solver.solver.amplification(schedule, times, False) <= 1e2 else (False,)
 
@@ -186,3 +201,28 @@ def covered_types(families: tuple[Family, ...] = FAMILIES) -> set[type]:
             if isinstance(part, BDIA):
                 out |= {type(part.integrator), type(part.backward)}
     return out
+
+
+# how often a step and its inverse round each latent they write, counted from each solver's arithmetic
+_COUNTS: tuple[tuple[type, Callable[[Any], int]], ...] = (
+    # two scaled adds per latent each way (the integrator's update with the other copy's noise, then the mixing),
+    # each a product, a sum and the scale: 6 + 6
+    (EDICT, lambda s: 12),
+    # gamma = 1: x_prev + s T, one scaled add each way (2 + 2); else g (x_prev + (s/g) T) and its inverse (3 + 3)
+    (BDIA, lambda s: 4 if s.gamma.constant == 1.0 else 6),
+)
+
+
+def roundings(solver: Any) -> int:
+    """The rounding model's ``c`` for ``solver`` (``bdia.testing.round_trip``): its own ``roundings`` attribute if it
+    declares one, else the count for bdia's solvers (BDIA: 4 at gamma = 1, 6 otherwise; EDICT: 12), else
+    ``ROUNDINGS`` (one scaled add each way)."""
+    from bdia.testing.roundtrip import ROUNDINGS
+
+    declared = getattr(solver, "roundings", None)
+    if isinstance(declared, int) and not isinstance(declared, bool):
+        return declared
+    for kind, count in _COUNTS:
+        if isinstance(solver, kind):
+            return count(solver)
+    return ROUNDINGS

@@ -9,9 +9,10 @@ step writes, carried by the rest of ``W2``. The rounding model, per sample, at e
 
 - ``u``: the unit roundoff of the latents' dtype (``torch.finfo(dtype).eps / 2``); ``|state_k|``: the norm of the
   state (both latents) at point ``k``;
-- ``c`` (``roundings``, default 4): how often a step and its inverse round each latent they write: twice each for
-  one scaled add (a product and a sum), as BDIA and EDICT's updates are written. A constant of the solver's
-  arithmetic, not of any machine; a solver that rounds each latent more often passes its own count;
+- ``c`` (``roundings``): how often a step and its inverse round each latent they write, counted from the solver's
+  arithmetic: 4 for one scaled add each way (a product and a sum: BDIA at gamma = 1), 6 for BDIA's
+  ``g (x_prev + (s/g) T)`` at other gammas, 12 for EDICT's two scaled adds with a scale per latent. A constant of the
+  solver, not of any machine: a solver declares its own as ``roundings`` (else 4, one scaled add each way);
 - ``n_k``: the evaluation's own rounding, which stops cancelling once the inputs of ``W2`` differ from those of
   ``W1`` (from its second step on): measured as what the step makes of the first walk's state moved by about a
   unit in the last place (a network rounds at the scale of its largest intermediate values, and a parametrisation
@@ -181,7 +182,7 @@ def round_trip(
     shadow: Denoiser | None = None,
     max_amplification: float | None = None,
     max_relative_bound: float = 0.1,
-    roundings: int = ROUNDINGS,
+    roundings: int | None = None,
     seed: int = 0,
     **conditioning: Any,
 ) -> RoundTrip:
@@ -192,8 +193,10 @@ def round_trip(
     ``bitwise``: the solver claims bit-exact inversion (``bdia.exact.Exact``): the second walk must return the first
     walk's states to the bit. ``growth``: ``None`` measures the walk's growth only when the error needs it, ``True``
     always, ``False`` never (the bound then takes ``G = 1``). ``shadow``: a denoiser computing the same function in
-    float64, for a network that only runs in its own dtype. ``roundings``: the model's ``c``. ``seed``: of the
-    probes' random directions and nudges. ``conditioning`` goes to every model call of both walks.
+    float64, for a network that only runs in its own dtype. ``roundings``: the model's ``c`` (default
+    ``bdia.testing.registry.roundings(solver)``: a ``roundings`` attribute of the solver, the count of bdia's own
+    solvers, else 4). ``seed``: of the probes' random directions and nudges. ``conditioning`` goes to every model
+    call of both walks.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
@@ -205,6 +208,10 @@ def round_trip(
         or not max_relative_bound > 0
     ):
         raise ValueError(f"max_relative_bound must be a number > 0, got {max_relative_bound!r}")
+    if roundings is None:
+        from bdia.testing.registry import roundings as count
+
+        roundings = count(solver)
     if isinstance(roundings, bool) or not isinstance(roundings, int) or roundings < 1:
         raise ValueError(
             f"roundings must be an int >= 1 (roundings of each latent per step and inverse), got {roundings!r}"
@@ -277,7 +284,7 @@ def assert_round_trip(
     shadow: Denoiser | None = None,
     max_amplification: float | None = None,
     max_relative_bound: float = 0.1,
-    roundings: int = ROUNDINGS,
+    roundings: int | None = None,
     **conditioning: Any,
 ) -> list[RoundTrip]:
     """Assert that ``solver`` inverts its own walks to within the rounding model (module docstring).
