@@ -27,6 +27,7 @@ REGISTRY: dict[str, str] = {
     "diffusers": "benchmarks.diffusers",  # BDIAScheduler.step vs DDIMScheduler.step; end to end through an SD pipeline
     "throughput": "benchmarks.throughput",  # bdia sample: samples/s at 1 and 2 processes, shard-writing share
     "trained": "benchmarks.trained",  # trained digits model: ODE error vs NFE against a fine solution; O-BELM's gamma
+    "gpu": "benchmarks.gpu",  # CUDA tests, default path, a walk as a CUDA graph, SD 1.5's UNet in 3 dtypes
 }
 
 
