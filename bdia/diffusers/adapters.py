@@ -68,7 +68,8 @@ def timesteps_from(
     Discrete schedulers: their (distinct) timesteps, then the end point their last step goes to: ``t = 0``
     (``abar[0]``, e.g. ``set_alpha_to_one=False``) or ``t = -1`` (alpha = 1). Where the last timestep already is
     the end point, the grid ends there (diffusers' last step is then the identity). Flow schedulers: their sigmas,
-    terminal 0 included, as their ``set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)`` makes them; ``mu``
+    terminal 0 included, as their ``set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)`` makes them
+    (``num_inference_steps`` may be None when ``sigmas`` are given); ``mu``
     is required under dynamic shifting (``use_dynamic_shifting=True``), as it is for their ``set_timesteps``: it
     depends on the image size, so pass the pipeline's.
     """
@@ -76,10 +77,10 @@ def timesteps_from(
     if isinstance(getattr(scheduler, "schedule", None), Schedule) and callable(grid):  # one of bdia's schedulers
         extra = {k: v for k, v in (("mu", mu), ("sigmas", sigmas)) if v is not None}
         return grid(num_inference_steps, **extra)
-    _check_steps(num_inference_steps)
     schedule = schedule_from(scheduler)  # validates the kind of scheduler
     if _is_flow(scheduler):
         return flow_grid(scheduler.config, num_inference_steps, sigmas=sigmas, mu=mu)[0]
+    _check_steps(num_inference_steps)
     if mu is not None or sigmas is not None:
         raise ValueError("timesteps_from: mu and sigmas are only for flow schedulers")
     fresh = type(scheduler).from_config(scheduler.config)
@@ -111,6 +112,7 @@ def flow_grid(
     mu: float | None = None,
     timesteps: Any = None,
     device: str | torch.device | None = None,
+    shift: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``FlowMatchEulerDiscreteScheduler``'s own grid for a configuration: ``(grid, sigmas, timesteps)``.
 
@@ -119,6 +121,8 @@ def flow_grid(
     to ``step``), computed by diffusers' own code so that every option it has (static ``shift``, dynamic shifting
     with ``mu``, ``shift_terminal``, Karras / exponential / beta sigmas, custom ``sigmas`` or ``timesteps``) gives
     its very grid; ``grid`` is those sigmas held in float64 (exactly the float32 values), noisiest first.
+    ``shift``: a shift set later by ``set_shift`` (the grid's end still comes from the configured one, as in
+    diffusers).
     """
     if config.get("use_dynamic_shifting", False):
         if mu is None:
@@ -133,6 +137,8 @@ def flow_grid(
     elif sigmas is None and timesteps is None:
         raise ValueError("give num_inference_steps, sigmas or timesteps")
     reference = FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items() if k in _flow_keys()})
+    if shift is not None:
+        reference.set_shift(shift)
     reference.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
     grid = reference.sigmas.to("cpu", torch.float64)
     check_grid(grid, Flow(), name="the flow grid (the sigmas set_timesteps made, terminal sigma included)")

@@ -549,8 +549,15 @@ class BDIAFlowMatchScheduler(_BDIASchedulerBase):
 
     def _walked(self, num_inference_steps, sigmas, mu, timesteps, device) -> tuple[torch.Tensor, ...]:
         self._check()
-        config = {**self._reference_config(), "shift": self._shift}
-        return flow_grid(config, num_inference_steps, sigmas=sigmas, mu=mu, timesteps=timesteps, device=device)
+        return flow_grid(
+            self._reference_config(),
+            num_inference_steps,
+            sigmas=sigmas,
+            mu=mu,
+            timesteps=timesteps,
+            device=device,
+            shift=self._shift,
+        )
 
     def grid(
         self,
