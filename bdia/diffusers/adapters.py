@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -104,6 +105,15 @@ def _flow_keys() -> frozenset[str]:
     return frozenset(inspect.signature(FlowMatchEulerDiscreteScheduler.__init__).parameters) - {"self", "kwargs"}
 
 
+_REFERENCE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=16)
+def _reference(config: tuple) -> FlowMatchEulerDiscreteScheduler:
+    """diffusers' scheduler for a configuration (building one costs more than setting its timesteps)."""
+    return FlowMatchEulerDiscreteScheduler.from_config(dict(config))
+
+
 def flow_grid(
     config: Any,
     num_inference_steps: int | None,
@@ -136,13 +146,15 @@ def flow_grid(
         _check_steps(num_inference_steps)
     elif sigmas is None and timesteps is None:
         raise ValueError("give num_inference_steps, sigmas or timesteps")
-    reference = FlowMatchEulerDiscreteScheduler.from_config({k: v for k, v in config.items() if k in _flow_keys()})
-    if shift is not None:
-        reference.set_shift(shift)
-    reference.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
-    grid = reference.sigmas.to("cpu", torch.float64)
+    own = tuple(sorted((k, v) for k, v in config.items() if k in _flow_keys()))
+    with _REFERENCE_LOCK:  # (one reference scheduler per configuration, reused: set_timesteps rewrites its grid)
+        reference = _reference(own)
+        reference.set_shift(reference.config.shift if shift is None else shift)
+        reference.set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        made = reference.sigmas, reference.timesteps
+    grid = made[0].to("cpu", torch.float64)
     check_grid(grid, Flow(), name="the flow grid (the sigmas set_timesteps made, terminal sigma included)")
-    return grid, reference.sigmas, reference.timesteps
+    return grid, made[0], made[1]
 
 
 def _end_time(s: Any, schedule: DiscreteVP) -> float:

@@ -108,6 +108,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
 
     order = 1
     forward = True
+    _returns_x0 = True  # step's output has pred_original_sample (DDIMScheduler's does)
     schedule: Schedule
     integrator: Integrator
     _tick_dtype = torch.int64
@@ -209,9 +210,11 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
             )
         return i
 
-    def _advance(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    def _advance(
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, Prediction]:
         """One step of the walk from ``timestep``, given the network's output at ``sample``: the latent it makes
-        and the x0 estimate."""
+        and the prediction at ``sample``."""
         i = self._index(timestep)
         t = self._grid[i]
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
@@ -231,7 +234,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
             )
         if j == len(self._grid):  # the last timestep is the end point: nothing left to walk (DDIMScheduler's identity)
             self._step_index = self._position.get(i, -1) + 1
-            return sample, pred.x0
+            return sample, pred
         model = _Answer(self.schedule, pred)
         if st is None:
             st = self._solver.init(model, sample, t, self._grid[j])  # a lone latent: one plain integrator step
@@ -245,7 +248,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
                 st = self._solver.unstep(model, State(sample, st.x, st.t_prev, st.t), self._grid[j])
         self._state = st
         self._step_index = self._position.get(i, -1) + 1
-        return (st.x if self.forward else st.x_prev), pred.x0
+        return (st.x if self.forward else st.x_prev), pred
 
     def _check_given(self, sample: torch.Tensor) -> None:
         """The first step from a given pair must be given that pair's latent (not the other one)."""
@@ -257,9 +260,12 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
                     "the first step takes the pair's point at timesteps[0]"
                 )
 
-    def _output(self, prev: torch.Tensor, x0: torch.Tensor, return_dict: bool) -> Any:
+    def _output(self, prev: torch.Tensor, pred: Prediction, return_dict: bool) -> Any:
+        """What ``step`` returns: the family's diffusers counterpart's output (x0 only where it returns one: it
+        costs a pass over the latent)."""
+        x0 = pred.x0 if self._returns_x0 else None
         if not return_dict:
-            return prev, x0
+            return (prev, x0) if self._returns_x0 else (prev,)
         return BDIASchedulerOutput(prev_sample=prev, pred_original_sample=x0)
 
 
@@ -478,6 +484,7 @@ class BDIAFlowMatchScheduler(_BDIASchedulerBase):
 
     _compatibles = _FLOW_LIKE
     _tick_dtype = torch.float32
+    _returns_x0 = False  # (as FlowMatchEulerDiscreteScheduler: prev_sample only)
 
     @register_to_config
     def __init__(
