@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -33,11 +34,10 @@ from typing import Any, NamedTuple
 import torch
 
 from bdia.gamma import PerSample
-from bdia.integrators import _pair
 from bdia.models import Denoiser
 from bdia.schedules import Schedule
 from bdia.solvers import BDIA
-from bdia.state import State, check_latent, check_state
+from bdia.state import State, _pair, _provenance, check_latent, check_state
 
 __all__ = ["Exact", "ExactState", "Fixed", "SideInformation", "default_frac_bits", "fraction"]
 
@@ -152,12 +152,12 @@ class ExactState(State):
             buffer=f.buffer[r],
             stack=tuple(dataclasses.replace(sp, low=sp.low[r]) for sp in f.stack),
         )
-        return ExactState(base.x_prev, base.x, self.t_prev, self.t, self.coupled, g)
+        return dataclasses.replace(self, x_prev=base.x_prev, x=base.x, fixed=g)
 
     def flipped(self) -> ExactState:
         f = self.fixed
         g = None if f is None else dataclasses.replace(f, X_prev=f.X, X=f.X_prev)
-        return ExactState(self.x, self.x_prev, self.t, self.t_prev, self.coupled, g)
+        return dataclasses.replace(self, x_prev=self.x, x=self.x_prev, t_prev=self.t, t=self.t_prev, fixed=g)
 
     def to(self, *args: Any, **kwargs: Any) -> ExactState:
         """The integers move to the new device; the floats are dequantised again in the new dtype (exact: the
@@ -178,7 +178,7 @@ class ExactState(State):
         k, dt = f.frac_bits, moved.dtype
         xp = dequantise(g.X_prev, k, dt, ~torch.isnan(self.x_prev).to(device))
         x = dequantise(g.X, k, dt, ~torch.isnan(self.x).to(device))
-        return ExactState(xp, x, self.t_prev, self.t, self.coupled, g)
+        return dataclasses.replace(self, x_prev=xp, x=x, fixed=g)
 
     def state_dict(self) -> dict[str, Any]:
         d = super().state_dict()
@@ -215,7 +215,7 @@ class ExactState(State):
             fixed = Fixed(
                 fd["X_prev"], fd["X"], fd["buffer"], stack, Fraction(*fd["bound"]), int(fd["frac_bits"]), fd.get("peak")
             )
-        return ExactState(base.x_prev, base.x, base.t_prev, base.t, base.coupled, fixed)
+        return ExactState(base.x_prev, base.x, base.t_prev, base.t, base.coupled, fixed=fixed, **_provenance(d))
 
 
 def _peak(before: torch.Tensor | None, need: torch.Tensor) -> torch.Tensor:
@@ -257,19 +257,43 @@ def dequantise(X: torch.Tensor, frac_bits: int, dtype: torch.dtype, ok: torch.Te
     return x.to(dtype)
 
 
-@contextlib.contextmanager
-def _deterministic(on: bool) -> Iterator[None]:
-    if not on:
-        yield
-        return
-    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    # cuBLAS needs a fixed workspace for reproducible GEMMs; it must be set before cuBLAS initialises
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn)
+class _DeterministicMode:
+    """``torch.use_deterministic_algorithms(True)`` for as long as any exact walk needs it, in any thread.
+
+    The flag is process-global: a save-and-restore per call, interleaved across threads, can restore another
+    thread's "on" and leave it on for good. Entries are counted under a lock instead: the first turns the mode on
+    (remembering the caller's setting), the last restores that setting.
+    """
+
+    def __init__(self) -> None:
+        self.lock, self.depth, self.saved = threading.Lock(), 0, (False, False)
+
+    @contextlib.contextmanager
+    def __call__(self, on: bool) -> Iterator[None]:
+        if not on:
+            yield
+            return
+        with self.lock:
+            if self.depth == 0:
+                self.saved = (
+                    torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled(),
+                )
+                # cuBLAS needs a fixed workspace for reproducible GEMMs; it must be set before cuBLAS initialises
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.use_deterministic_algorithms(True)
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0:
+                    before, warn = self.saved
+                    torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
+_deterministic = _DeterministicMode()
 
 
 class Exact:
@@ -295,6 +319,11 @@ class Exact:
             raise TypeError(f"solver must be a bdia.solvers.BDIA, got {type(self.solver).__name__}")
         if isinstance(self.solver.gamma, PerSample):
             raise TypeError("the exact mode takes a float gamma or a per-step gamma function, not a per-sample tensor")
+        if self.solver.gamma.constant == 0.0:
+            raise ValueError(
+                "Exact(BDIA(gamma=0)) cannot be inverted (gamma = 0 is the plain integrator, which forgets x_prev): "
+                "use gamma > 0"
+            )
         if frac_bits is not None and (isinstance(frac_bits, bool) or not isinstance(frac_bits, int)):
             raise TypeError(f"frac_bits must be an int or None, got {type(frac_bits).__name__}")
         if frac_bits is not None and not (0 <= frac_bits <= 60):
@@ -318,6 +347,10 @@ class Exact:
     def amplification(self, schedule: Schedule, times: list[float], forward: bool) -> float:
         """Integer arithmetic: a walk and its inverse meet to the bit, nothing is amplified."""
         return 1.0
+
+    @property
+    def identity(self) -> str:
+        return f"Exact({self.solver.identity}, frac_bits={self.frac_bits}, max_numerator={self.max_numerator})"
 
     def describe_nonfinite(self, state: State) -> str:
         """What went wrong when a walk produced NaN: the fixed-point range left (by how much, and what to pass

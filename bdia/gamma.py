@@ -26,6 +26,14 @@ class Gamma(ABC):
 
     constant: float | None = None  # the value, when it is one python float at every step
 
+    @property
+    def identity(self) -> str:
+        """How a state's identity names this gamma (``bdia.solvers.identity``)."""
+        return repr(self)
+
+    pure: bool = True  # a function of the schedule and times alone (a walk's plan may be kept for the next walk)
+    batch: int | None = None  # the batch size it needs (one per sample), or None for any
+
     @abstractmethod
     def at(self, schedule: Schedule, t_prev: float, t: float, t_next: float, x: torch.Tensor) -> float | torch.Tensor:
         """gamma for the step ``t -> t_next`` whose previous point is at ``t_prev``, for the batch ``x``."""
@@ -67,9 +75,9 @@ class PerSample(Gamma):
     """
 
     def __init__(self, values: torch.Tensor):
-        if values.dim() != 1 or not values.is_floating_point():
+        if values.dim() != 1 or not values.is_floating_point() or values.numel() == 0:
             raise ValueError(
-                f"a gamma tensor must be 1-D floating point (one per sample), got {values.dtype} "
+                f"a gamma tensor must be 1-D floating point with one entry per sample, got {values.dtype} "
                 f"of shape {tuple(values.shape)}"
             )
         self.values = values.detach().to(torch.float64, copy=True)
@@ -77,6 +85,7 @@ class PerSample(Gamma):
         if math.isnan(self.lo) or math.isnan(self.hi):
             raise ValueError("gamma must lie in [0, 1], got NaN in the gamma tensor")
         _check_unit(self.lo), _check_unit(self.hi)
+        self.batch = self.values.numel()
         self._on: dict[torch.device, torch.Tensor] = {}  # a copy per device: no host-to-device copy in the step loop
 
     def at(self, schedule: Schedule, t_prev: float, t: float, t_next: float, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +98,12 @@ class PerSample(Gamma):
 
     def bounds(self, schedule: Schedule, t_prev: float, t: float, t_next: float) -> tuple[float, float]:
         return self.lo, self.hi
+
+    @property
+    def identity(self) -> str:
+        """Per-sample values are not part of a state's identity: a state's rows can be selected (``state[rows]``) and
+        continued with the matching rows of gamma."""
+        return "per-sample"
 
     def __repr__(self) -> str:
         return f"tensor({self.values.tolist()})"
@@ -103,6 +118,12 @@ class PerStep(Gamma):
 
     def __init__(self, fn: GammaFn):
         self.fn = fn
+
+    @property
+    def pure(self) -> bool:  # type: ignore[override]
+        """O-BELM's published and bounded gammas are functions of the times alone; a user's function may read
+        anything, so a walk asks it again every time."""
+        return self.fn is obelm_gamma or isinstance(self.fn, BoundedOBELM)
 
     def at(self, schedule: Schedule, t_prev: float, t: float, t_next: float, x: torch.Tensor | None = None) -> float:
         value = self.fn(schedule, t_prev, t, t_next)

@@ -26,7 +26,7 @@ import torch
 
 from bdia.exact import Exact
 from bdia.models import Denoiser
-from bdia.sampling import FiniteCheck, begin
+from bdia.sampling import _begin, _FiniteCheck, _Walk, stamp
 from bdia.solvers import BDIA
 from bdia.state import State
 
@@ -61,7 +61,16 @@ def sample_with_grad(
         raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
     if not isinstance(solver, BDIA | Exact):
         raise TypeError(f"solver must be a bdia.solvers.BDIA or bdia.exact.Exact, got {type(solver).__name__}")
-    grid, start, k = begin(model, x, ts, solver, init=False, **model_kwargs)
+    taken = sorted(_WALK_KEYWORDS & set(model_kwargs))
+    if taken:
+        raise TypeError(
+            f"sample_with_grad does not take {', '.join(k + '=' for k in taken)} (keywords of bdia.sample, not of the "
+            "network): its walk has no callback, progress bar, strength or amplification limit, and every other "
+            "keyword goes to the network (wrap the network to pass it a keyword of that name)"
+        )
+    args = _Walk(model, x, ts, solver, True, None, False, False, None, True, None, model_kwargs)
+    plan, start, k = _begin(args, model, init=False)
+    grid = plan.walk
     if isinstance(solver, BDIA) and checkpoint_every != 1:
         _check_rebuildable(
             solver, model.schedule, grid if start is None else [start.t_prev, *grid[k:]], checkpoint_every
@@ -77,9 +86,13 @@ def sample_with_grad(
             "nothing to differentiate: x (or the state's latents) does not require grad, no conditioning tensor "
             "requires grad and params is empty; call x.requires_grad_() or pass params="
         )
-    walk = _Walk(model, grid, solver, model_kwargs, names, len(params), start, k, checkpoint_every)
+    walk = _Differentiable(model, grid, solver, model_kwargs, names, len(params), start, k, checkpoint_every)
     out = _Reversible.apply(walk, *starts, *(model_kwargs[n] for n in names), *params)
-    return dataclasses.replace(walk.final, x_prev=out[0], x=out[1])  # an ExactState keeps its integers
+    final = dataclasses.replace(walk.final, x_prev=out[0], x=out[1])  # an ExactState keeps its integers
+    return stamp(final, grid, solver)
+
+
+_WALK_KEYWORDS = frozenset({"strength", "grad", "progress", "callback", "check_finite", "max_amplification"})
 
 
 def _check_rebuildable(solver: BDIA, schedule, times: list[float], every: int | None) -> None:
@@ -133,7 +146,7 @@ def _parameters(model: Any) -> list[torch.Tensor]:
     return list(unique.values())
 
 
-class _Walk:
+class _Differentiable:
     """Everything about one differentiable walk that is not a tensor input."""
 
     def __init__(self, model, grid, solver, kw, names, n_params, start, k, every):
@@ -148,7 +161,7 @@ class _Walk:
 
 class _Reversible(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, walk: _Walk, *inputs: torch.Tensor):
+    def forward(ctx, walk: _Differentiable, *inputs: torch.Tensor):
         n_start = 1 if walk.start is None else 2
         cond = inputs[n_start : n_start + len(walk.names)]
         walk.cond, walk.params = cond, list(inputs[n_start + len(walk.names) :])
@@ -159,7 +172,7 @@ class _Reversible(torch.autograd.Function):
         else:
             state, k = walk.start, walk.k
         walk.times = [state.t_prev, *grid[k:]]  # times[i], times[i + 1]: the pair of the i-th state
-        check = FiniteCheck(grid, solver, state.x, every_step=True)
+        check = _FiniteCheck(grid, solver, state.x, every_step=True)
         check.record(k, state, True)
         if walk.every is not None:
             walk.anchors[0] = state
@@ -176,7 +189,7 @@ class _Reversible(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_prev: torch.Tensor | None, g_x: torch.Tensor | None):
-        walk: _Walk = ctx.walk
+        walk: _Differentiable = ctx.walk
         model, solver, times = walk.model, walk.solver, walk.times
         diff = solver.surrogate if isinstance(solver, Exact) else solver
         state = walk.final

@@ -27,8 +27,8 @@ import torch
 
 from bdia._linalg import lincomb
 from bdia.models import Denoiser, Prediction
-from bdia.schedules import PerSchedule, Schedule
-from bdia.state import State
+from bdia.schedules import Schedule
+from bdia.state import State, _pair
 
 __all__ = ["DDIM", "DDIMInverse", "DPMSolver2", "Euler", "Heun", "Integrator", "ScaledHeun", "predict"]
 
@@ -45,7 +45,7 @@ class Integrator:
 
     order: int
     nfe: int  # model evaluations per step, the one at the start point included
-    nonfinite_persists = True  # each step's result includes x (bdia.sampling.FiniteCheck)
+    nonfinite_persists = True  # each step's result includes x (the walk checks its final state once)
 
     def coefficients(self, schedule: Schedule, t: float, s: float) -> tuple[float, float, float]:
         """``(A, B, C)`` with ``Phi(x; t -> s) = A x + B x0 + C eps``: three float64 numbers of the times alone,
@@ -90,15 +90,6 @@ class Integrator:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
-
-
-def _pair(state: State, solver: object) -> State:
-    if state.coupled:
-        raise ValueError(
-            f"{solver!r} continues a pair of consecutive points, got coupled copies at one time "
-            f"(t = {state.t}), made by EDICT: continue an EDICT state with EDICT"
-        )
-    return state
 
 
 class Euler(Integrator):
@@ -244,31 +235,24 @@ class DPMSolver2(Integrator):
 
     order, nfe = 2, 2
 
-    def __init__(self) -> None:
-        self._mids = PerSchedule()
-
     @property
     def first_order(self) -> Integrator:
         return DDIM()
 
     def midpoint(self, schedule: Schedule, t: float, s: float) -> float:
         """The time between ``t`` and ``s`` whose ``sbar = sigma/alpha`` is ``sqrt(sbar_t sbar_s)`` (lambda's
-        midpoint)."""
-        mids = self._mids(schedule)
-        m = mids.get((t, s))
-        if m is None:
-            target = math.log(schedule.snr_sbar(t) * schedule.snr_sbar(s)) / 2
-            lo, hi = min(t, s), max(t, s)  # sbar increases with t
-            for _ in range(200):
-                m = 0.5 * (lo + hi)
-                if m in (lo, hi):
-                    break
-                if math.log(schedule.snr_sbar(m)) < target:
-                    lo = m
-                else:
-                    hi = m
-            if len(mids) < 1 << 12:
-                mids[(t, s)] = m
+        midpoint), by bisection to the last bit (about 60 halvings of a float64 interval)."""
+        target = math.log(schedule.snr_sbar(t) * schedule.snr_sbar(s)) / 2
+        lo, hi = min(t, s), max(t, s)  # sbar increases with t
+        m = 0.5 * (lo + hi)
+        for _ in range(200):
+            m = 0.5 * (lo + hi)
+            if m in (lo, hi):
+                break
+            if math.log(schedule.snr_sbar(m)) < target:
+                lo = m
+            else:
+                hi = m
         return m
 
     def __call__(

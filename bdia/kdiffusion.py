@@ -40,22 +40,30 @@ def sample_bdia(
     gamma: float | torch.Tensor | GammaFn = 1.0,
     integrator: Integrator | None = None,
     *,
+    backward: Integrator | None = None,
     return_state: bool = False,
+    max_amplification: float | None = None,
 ) -> torch.Tensor | State:
     """BDIA from ``sigmas[0]`` down to ``sigmas[-1]``; returns the final latent, like ``k_diffusion.sampling``.
 
     ``x``: a latent at ``sigmas[0]`` (already scaled by it, as for k-diffusion), or the ``bdia.State`` that
     ``invert_bdia(..., return_state=True)`` returned over the same sigmas (its pair is continued: the data comes
     back exactly). ``integrator``: ``Euler()`` (default; 1 model call per step, ``sample_euler``'s cost) or
-    ``Heun()`` (2 per step, 1 on a last step to sigma = 0, ``sample_heun``'s cost). ``gamma`` as in
-    ``bdia.solvers.BDIA``: 0 is the plain integrator, 1 the exactly invertible default.
+    ``Heun()`` (2 per step, 1 on a last step to sigma = 0, ``sample_heun``'s cost). ``backward``: BDIA's backward
+    step, by default the integrator's first-order one (Euler: no extra model call, but BDIA over Heun is then first
+    order; ``backward=Heun()`` makes it second order at 3 calls per step). ``gamma`` as in ``bdia.solvers.BDIA``: 0
+    is the plain integrator, 1 the exactly invertible default.
     ``callback`` gets k-diffusion's dict once per step, about the step's first model call: ``x`` (the latent at
     ``sigmas[i]`` that was denoised), ``i``, ``sigma`` = ``sigma_hat`` = ``sigmas[i]`` (no churn), ``denoised``.
     ``disable`` turns tqdm's bar off (None: off when stderr is not a terminal, as tqdm does).
     ``return_state=True`` returns the ``bdia.State`` pair instead, which ``invert_bdia`` needs to invert exactly
-    from a last sigma of 0. Runs under ``torch.no_grad()``, as k-diffusion's samplers do.
+    from a last sigma of 0. ``max_amplification`` as in ``bdia.sample``: BDIA with gamma = 1 carries the rounding of
+    its first, sigma-80-sized latents undamped to the clean end, which in float16 or bfloat16 is the size of the data
+    itself; such walks are refused unless it is lifted (docs/kdiffusion.md). Runs under ``torch.no_grad()``, as
+    k-diffusion's samplers do.
     """
-    return _Walk(model, x, sigmas, extra_args, callback, disable, gamma, integrator).run(sample, return_state)
+    walk = _Walk(model, x, sigmas, extra_args, callback, disable, gamma, integrator, backward)
+    return walk.run(sample, return_state, max_amplification)
 
 
 def invert_bdia(
@@ -68,7 +76,9 @@ def invert_bdia(
     gamma: float | torch.Tensor | GammaFn = 1.0,
     integrator: Integrator | None = None,
     *,
+    backward: Integrator | None = None,
     return_state: bool = False,
+    max_amplification: float | None = None,
 ) -> torch.Tensor | State:
     """The inverse of ``sample_bdia``: from ``sigmas[-1]`` up to ``sigmas[0]``; returns the latent at ``sigmas[0]``.
 
@@ -79,14 +89,15 @@ def invert_bdia(
     ``return_state=True`` and ``sample_bdia(model, state, sigmas, ...)``; a bare latent drops the pair and with
     it exactness. The other arguments, and the callback dict (``i`` now counts down), as in ``sample_bdia``.
     """
-    return _Walk(model, x, sigmas, extra_args, callback, disable, gamma, integrator).run(invert, return_state)
+    walk = _Walk(model, x, sigmas, extra_args, callback, disable, gamma, integrator, backward)
+    return walk.run(invert, return_state, max_amplification)
 
 
 class _Walk:
     """The arguments checked and mapped to bdia: the grid, the EDM-frame model over the user's denoiser, the solver,
     and bdia's callback that hands k-diffusion's dict to the user's."""
 
-    def __init__(self, model, x, sigmas, extra_args, callback, disable, gamma, integrator):
+    def __init__(self, model, x, sigmas, extra_args, callback, disable, gamma, integrator, backward):
         self.grid = _grid(sigmas)
         if not callable(model):
             raise TypeError(
@@ -102,7 +113,7 @@ class _Walk:
             raise TypeError(f"callback must be callable with k-diffusion's dict, got {type(callback).__name__}")
         if disable is not None and not isinstance(disable, bool):
             raise TypeError(f"disable must be a bool or None, got {type(disable).__name__}")
-        self.solver = BDIA(Euler() if integrator is None else integrator, gamma)
+        self.solver = BDIA(Euler() if integrator is None else integrator, gamma, backward)
         latent = x.x if isinstance(x, State) else x
         time_dtype = latent.dtype if isinstance(latent, torch.Tensor) else None  # otherwise the walk names the error
         self.denoiser = _Net(model, extra_args)
@@ -118,11 +129,13 @@ class _Walk:
         s = self.sigmas[i]
         self.callback({"x": step.x, "i": i, "sigma": s, "sigma_hat": s, "denoised": step.x0})
 
-    def run(self, walk: Callable[..., State], return_state: bool) -> torch.Tensor | State:
+    def run(self, walk: Callable[..., State], return_state: bool, limit: float | None) -> torch.Tensor | State:
         ts = torch.tensor(self.grid, dtype=torch.float64)
         report = None if self.callback is None else self.report
         with torch.no_grad():
-            out = walk(self.model, self.x, ts, self.solver, progress=self.progress, callback=report)
+            out = walk(
+                self.model, self.x, ts, self.solver, progress=self.progress, callback=report, max_amplification=limit
+            )
         return out if return_state else out.x
 
 

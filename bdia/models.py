@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 
 from bdia._linalg import Coef, Terms, factored, factored2, lincomb
 from bdia.schedules import Coefficients, Schedule
 
-__all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Model", "Prediction"]
+__all__ = ["CFG", "PREDICTIONS", "CountNFE", "Denoiser", "GaussianMixture", "Model", "Prediction", "Prepared"]
 
 
 def fold(B: Coef, C: Coef, m: tuple[float, float, float, float]) -> tuple[Coef, Coef]:
@@ -136,6 +136,16 @@ def _safe(f: Parametrisation, k: Coefficients) -> tuple[float, float, float, flo
         return tuple(math.nan for _ in range(4))  # type: ignore[return-value]
 
 
+class Prepared(NamedTuple):
+    """What ``Model`` needs at one time for one kind of latent: the network's ``(batch,)`` time tensor (with its
+    version, to see a network that edits it in place) and the 2x2 matrix from ``(x, output)`` to ``(x0, eps)``."""
+
+    times: torch.Tensor
+    version: int
+    m: tuple[float, float, float, float]
+    t: float
+
+
 class Model:
     """Wrap a network ``net(x, t, **kwargs)`` into a denoiser.
 
@@ -143,9 +153,20 @@ class Model:
     e.g. rectified flow's ``eps - x0``), or a callable mapping ``Coefficients`` to the 2x2 matrix above.
     ``net`` receives ``t`` as a tensor of shape ``(batch,)`` in the schedule's native time, of dtype
     ``time_dtype`` (default: the state's dtype, float32 for half precision states so that integer
-    timesteps such as 981 stay exact). That tensor and the parametrisation's matrix are built once per time,
-    batch size, dtype and device and reused (a network that modifies its time tensor in place gets a fresh one).
+    timesteps such as 981 stay exact).
+
+    ``model(x, t)`` is ``model.predict(x, model.prepare(t, x))``: ``prepare`` builds what only the time and the
+    latent's kind determine (the time tensor and the matrix), which a walk's plan builds once for its grid. A
+    subclass that overrides ``__call__`` (to process the prediction) without overriding ``predict`` is called
+    whole by every walk.
     """
+
+    plannable: ClassVar[bool] = True  # __call__ is predict(x, prepare(t, x)): a walk's plan may call them apart
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if "__call__" in cls.__dict__ and "predict" not in cls.__dict__:
+            cls.plannable = False  # its own __call__ does more: a walk must call it as a denoiser
 
     def __init__(
         self,
@@ -170,35 +191,32 @@ class Model:
         if time_dtype is not None and not isinstance(time_dtype, torch.dtype):
             raise TypeError(f"time_dtype must be a torch.dtype or None, got {time_dtype!r}")
         self.net, self.schedule, self.prediction, self.time_dtype = net, schedule, prediction, time_dtype
-        self._times: dict[tuple, tuple[torch.Tensor, int, tuple[float, float, float, float]]] = {}
 
     def __call__(self, x: torch.Tensor, t: float, **kwargs: Any) -> Prediction:
-        key = (t, x.shape[0], x.dtype, x.device)
-        times, version, m = self._times.get(key) or self._remember(key)
-        if times._version != version:  # the network modified its time tensor in place: build a fresh one
-            times, version, m = self._remember(key)
-        out = self.net(x, times, **kwargs)
+        return self.predict(x, self.prepare(t, x), **kwargs)
+
+    def prepare(self, t: float, like: torch.Tensor) -> Prepared:
+        """The time tensor and the parametrisation's matrix at ``t`` for latents like ``like`` (batch, dtype,
+        device)."""
+        dtype = self.time_dtype or (like.dtype if like.dtype.itemsize >= 4 else torch.float32)
+        if not dtype.is_floating_point and t != math.floor(t):
+            # an integer time tensor would truncate it (a continuous schedule's time, or a stage between grid points)
+            raise ValueError(f"time t={t} is not an integer, so it cannot be passed as time_dtype={dtype}")
+        with torch.inference_mode(False):  # a normal tensor (with a version counter), usable in and out of that mode
+            times = torch.full((like.shape[0],), t, dtype=dtype, device=like.device)
+        return Prepared(times, times._version, _safe(self._param, self.schedule.at(t)), t)
+
+    def predict(self, x: torch.Tensor, ready: Prepared, **kwargs: Any) -> Prediction:
+        """The network's prediction at ``x``, with what ``prepare`` made for its time."""
+        if ready.times._version != ready.version:  # the network edited its time tensor in place: build a fresh one
+            ready = self.prepare(ready.t, x)
+        out = self.net(x, ready.times, **kwargs)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"net output must be a tensor shaped like x {tuple(x.shape)}, got {got}")
         if out.dtype != x.dtype:
             raise TypeError(f"net output dtype {out.dtype} differs from the state's {x.dtype}")
-        return Prediction.affine(x, out, m)
-
-    def _remember(self, key: tuple) -> tuple[torch.Tensor, int, tuple[float, float, float, float]]:
-        """The time tensor and the parametrisation's matrix at ``t``, built once per time, batch, state dtype and
-        device (a walk asks for the same few times again and again; building them cost a third of a step)."""
-        t, batch, dtype, device = key
-        dtype = self.time_dtype or (dtype if dtype.itemsize >= 4 else torch.float32)
-        if not dtype.is_floating_point and t != math.floor(t):
-            # an integer time tensor would truncate it (a continuous schedule's time, or a stage between grid points)
-            raise ValueError(f"time t={t} is not an integer, so it cannot be passed as time_dtype={dtype}")
-        if len(self._times) >= 1 << 12:  # a few grids' worth
-            self._times.clear()
-        with torch.inference_mode(False):  # a normal tensor (with a version counter), usable in and out of that mode
-            times = torch.full((batch,), t, dtype=dtype, device=device)
-        entry = self._times[key] = (times, times._version, _safe(self._param, self.schedule.at(t)))
-        return entry
+        return Prediction.affine(x, out, ready.m)
 
     def __repr__(self) -> str:
         return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule}, {self.prediction!r})"
@@ -227,6 +245,17 @@ class CFG:
     def __init__(self, net: Callable[..., torch.Tensor], scale: float | torch.Tensor, **uncond: Any):
         if not callable(net):
             raise TypeError("net must be callable")
+        if isinstance(scale, torch.Tensor):
+            if scale.dim() != 1 or not scale.is_floating_point() or not bool(torch.isfinite(scale).all()):
+                raise ValueError(
+                    f"scale must be a finite number or a 1-D floating tensor of finite values (one per sample), got "
+                    f"{scale.dtype} of shape {tuple(scale.shape)}"
+                )
+            scale = scale.detach().clone()
+        elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number (or a 1-D tensor, one per sample), got {scale!r}")
+        else:
+            scale = float(scale)
         self.net, self.scale, self.uncond = net, scale, uncond
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
@@ -240,7 +269,9 @@ class CFG:
         u, c = self.net(torch.cat([x, x]), torch.cat([t, t]), **kw).chunk(2)
         s = self.scale
         if isinstance(s, torch.Tensor):
-            s = s.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+            if s.shape[0] != B:
+                raise ValueError(f"CFG scale has {s.shape[0]} entries but the batch has {B} samples")
+            s = s.to(x.device, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
         return lincomb((1.0, u), (s, c), (-s, u))
 
 
@@ -335,27 +366,44 @@ class GaussianMixture:
         """``n`` exact draws from the data distribution, float64, shape ``(n, dim)``."""
         if labels is None:
             labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        else:
+            labels = self._labels(labels, n, allow_unconditional=False)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return self.means[labels] + self.stds[labels, None] * z
 
     def __call__(self, x: torch.Tensor, t: float, labels: torch.Tensor | None = None) -> Prediction:
         k = self.schedule.at(t)
         B = x.shape[0]
-        if x[0].numel() != self.dim:
-            raise ValueError(f"x has {x[0].numel()} elements per sample, the mixture has dim {self.dim}")
+        if math.prod(x.shape[1:]) != self.dim:
+            raise ValueError(f"x has {math.prod(x.shape[1:])} elements per sample, the mixture has dim {self.dim}")
         xf = x.reshape(B, self.dim).to(torch.float64)
         mu, s2, w = self._on(xf.device)
         v = k.alpha**2 * s2 + k.sigma**2  # (K,)
         diff = xf[:, None, :] - k.alpha * mu[None]  # (B, K, D)
         logits = w.log() - 0.5 * diff.pow(2).sum(-1) / v - 0.5 * self.dim * v.log()
         if labels is not None:
-            labels = labels.to(xf.device)
+            labels = self._labels(labels, B, allow_unconditional=True).to(xf.device)
             keep = (labels[:, None] < 0) | (labels[:, None] == torch.arange(len(v), device=xf.device))
             logits = logits.masked_fill(~keep, -math.inf)
         r = torch.softmax(logits, dim=1)[..., None]  # (B, K, 1)
         x0 = (r * (mu[None] + (k.alpha * s2 / v)[None, :, None] * diff)).sum(1)
         eps = (r * ((k.sigma / v)[None, :, None] * diff)).sum(1)
         return Prediction(x0.reshape(x.shape).to(x.dtype), eps.reshape(x.shape).to(x.dtype))
+
+    def _labels(self, labels: object, n: int, allow_unconditional: bool) -> torch.Tensor:
+        """``labels`` checked: an integer tensor of shape ``(n,)`` with components in range (-1: unconditional)."""
+        K = self.means.shape[0]
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor of shape ({n},), got {type(labels).__name__}")
+        if labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},), one per sample, got {tuple(labels.shape)}")
+        lo = -1 if allow_unconditional else 0
+        if labels.numel() and not bool(((labels >= lo) & (labels < K)).all()):
+            raise ValueError(
+                f"labels must lie in [{lo}, {K - 1}] (a component of the mixture"
+                f"{', or -1 for unconditional' if allow_unconditional else ''}), got {labels.tolist()}"
+            )
+        return labels
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # the parameters copied once per device, so that evaluations on a GPU make no host-to-device copies

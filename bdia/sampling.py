@@ -1,29 +1,41 @@
-"""``sample`` and ``invert``: thin loops of a solver's ``step`` / ``unstep`` over a time grid."""
+"""``sample`` and ``invert``: thin loops over a walk's plan, and the bookkeeping every integration shares.
+
+A walk turns (model, solver, grid, direction, latent kind) into a plan once (``solver.plan``, or the solver's own
+``step`` / ``unstep`` at each grid time), checks everything before the first network call, runs the plan's steps and
+stamps the result with where it came from. ``cut`` (img2img's strength), ``locate`` (where a state sits on a grid,
+and whether it may continue there) and ``stamp`` (a state's provenance) are the pieces integrations reuse.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bdia.models import Denoiser, Prediction
+from bdia.models import Denoiser, Prediction, Prepared
+from bdia.protocols import Plan, Solver, Stepping
 from bdia.schedules import Schedule, check_grid
-from bdia.solvers import Solver
 from bdia.state import State, check_latent, check_state
 
-__all__ = ["FiniteCheck", "Start", "Step", "begin", "invert", "sample"]
+__all__ = ["Step", "cut", "invert", "limits", "locate", "sample", "stamp"]
 
 
 class Step:
     """What a callback sees after each step: ``i`` (steps taken on the grid so far), the step's times ``t`` ->
     ``t_next`` (in the walk's direction), ``state`` (the state after the step, oriented as the walk returns it),
     ``x`` (the latent of the step's first model evaluation, at ``t``) and ``x0`` (that evaluation's prediction of
-    the clean data, built on first access). Return ``True`` from the callback to stop the walk after this step: it
-    then returns ``state``."""
+    the clean data, built on first access). Return ``True`` (or any true bool, numpy bool, int or one-element
+    tensor) from the callback to stop the walk after this step: it then returns ``state``."""
 
     __slots__ = ("_pred", "i", "state", "t", "t_next", "x")
 
@@ -38,7 +50,7 @@ class Step:
         return f"Step(i={self.i}, t={self.t}, t_next={self.t_next})"
 
 
-Callback = Callable[[Step], bool | None]
+Callback = Callable[[Step], Any]
 
 
 def sample(
@@ -60,15 +72,29 @@ def sample(
     ``x`` is a latent at ``ts[0]`` or a ``State`` from ``invert`` over the same grid (whose pair is then continued,
     never regenerated), or from an earlier ``sample`` ending at ``ts[0]``. ``strength`` in (0, 1] walks only the
     last ``int(strength N)`` of the grid's N steps (img2img's sense; pair it with ``invert(..., strength=)``).
-    ``model_kwargs`` go to every model call (conditioning). No autograd graph is recorded unless ``grad=True``
-    (for gradients at constant memory see ``bdia.gradients.sample_with_grad``). ``callback(step)`` runs after
-    every step (see ``Step``) and stops the walk by returning ``True``. ``check_finite`` refuses a non-finite
-    input before any model call and raises, naming the first failing step, if a step produced NaN or inf (for the
-    family's solvers one reduction of the final latent, and a replay of a failing walk; see ``FiniteCheck``).
-    ``max_amplification``: see ``begin``.
+    ``model_kwargs`` go to every model call (conditioning); a network keyword named like one of this function's
+    keywords is taken by the walk (wrap the network to rename it). No autograd graph is recorded unless
+    ``grad=True`` (for gradients at constant memory see ``bdia.gradients.sample_with_grad``). ``callback(step)`` runs
+    after every step (see ``Step``) and stops the walk by returning true. ``check_finite`` refuses a non-finite input
+    before any model call and raises, naming the first failing step, if a step produced NaN or inf (for solvers that
+    declare ``nonfinite_persists``, one reduction of the final latent and a replay of a failing walk).
+    ``max_amplification``: see ``invert``. The returned state records the grid walked and the solver's identity.
     """
-    return _walk(
-        model, x, ts, solver, True, strength, grad, progress, callback, check_finite, max_amplification, model_kwargs
+    return _run(
+        _Walk(
+            model,
+            x,
+            ts,
+            solver,
+            True,
+            strength,
+            grad,
+            progress,
+            callback,
+            check_finite,
+            max_amplification,
+            model_kwargs,
+        )
     )
 
 
@@ -92,119 +118,106 @@ def invert(
     of an exact solver; on a grid ending at sigma = 0 that step predicts the noise at the next grid time, see
     ``bdia.integrators``) or a ``State`` returned by ``sample`` over the same grid (then the inversion is exact up to
     rounding). ``strength`` in (0, 1] inverts only the last ``int(strength N)`` steps (partial inversion for
-    editing). With a one-step integrator as ``solver`` this is classic approximate DDIM-style inversion. The
-    keywords are those of ``sample``.
+    editing). With a one-step integrator as ``solver`` this is classic approximate DDIM-style inversion.
+
+    ``max_amplification``: the walk is refused before any model call if ``solver.amplification`` (how much it can
+    grow one rounding error, an estimate that does not see the network) exceeds it; by default ``max(16, 0.1 / eps)``
+    of the latent's dtype (one rounding grown to 10% of the data's scale), and a walk past ``0.01 / eps`` is warned
+    about (``bdia.sampling.limits``; docs/theory.md, "Rounding"). The other keywords are those of ``sample``.
     """
-    return _walk(
-        model, x, ts, solver, False, strength, grad, progress, callback, check_finite, max_amplification, model_kwargs
-    )
-
-
-class Start(NamedTuple):
-    """A walk ready to run: its grid in walk order, the state at its front (``x`` the walk's current latent,
-    oriented as ``step``/``unstep`` expect), and ``k``, the index of the grid time that ``state`` has reached."""
-
-    grid: list[float]
-    state: State | None
-    k: int
-
-
-def begin(
-    model: Denoiser,
-    x: torch.Tensor | State,
-    ts: torch.Tensor,
-    solver: Solver,
-    *,
-    forward: bool = True,
-    strength: float | None = None,
-    check_finite: bool = True,
-    max_amplification: float | None = None,
-    init: bool = True,
-    **model_kwargs: Any,
-) -> Start:
-    """Validate a walk and take its first step if it starts from a lone latent: everything before the loop.
-
-    With ``init=False`` a lone latent is validated but not stepped (``state`` is then ``None``, ``k`` 0).
-
-    Refused before any model call: a model that is not a denoiser, a solver that is not one, a bad grid, a
-    non-finite input (``check_finite``), a state that does not continue the grid or that the solver cannot continue,
-    and a walk whose ``solver.amplification`` of rounding errors exceeds ``max_amplification`` (default
-    ``1 / eps`` of the latent's dtype: past it, rounding alone can reach the scale of the data; docs/theory.md).
-    """
-    _check_model(model)
-    _check_solver(solver)
-    grid = check_grid(ts, model.schedule)
-    grid = _strength(grid, strength)
-    latent = check_state(x, "x").x if isinstance(x, State) else check_latent(x)
-    if check_finite and not _finite(*([x] if isinstance(x, torch.Tensor) else [x.x_prev, x.x])):
-        raise FloatingPointError("non-finite values (NaN or inf) in the input x")
-    _check_amplification(solver, model.schedule, grid, forward, latent.dtype, max_amplification)
-    walk = grid if forward else grid[::-1]
-    if not init and not isinstance(x, State):
-        return Start(walk, None, 0)
-    if isinstance(x, State):
-        state, where = x, "x (a bdia.State)"
-    else:
-        state, where = solver.init(model, x, walk[0], walk[1], **model_kwargs), "the solver's first step"
-    if state.t_prev < state.t:
-        state = state.flipped()  # sampling orientation: x_prev the noisier point
-    front, other = (state.t, state.t_prev) if forward else (state.t_prev, state.t)
-    if front == walk[0]:
-        k = 0
-    elif front == walk[1] and other == walk[0]:
-        k = 1
-    else:
-        raise ValueError(
-            f"{where} holds times ({state.t_prev}, {state.t}) that do not continue this grid "
-            f"(which {'samples' if forward else 'inverts'} from t={walk[0]} via t={walk[1]}): "
-            "pass the grid that made it"
-        )
-    return Start(walk, state, k)
-
-
-def _walk(
-    model, x, ts, solver, forward, strength, grad, progress, callback, check_finite, limit, kw, every_step=None
-) -> State:
-    recorder = None
-    if callback is not None:
-        _check_model(model)  # (before wrapping it)
-        recorder = _FirstEvaluation(model)
-    with torch.set_grad_enabled(grad):
-        grid, state, k = begin(
-            recorder or model,
+    return _run(
+        _Walk(
+            model,
             x,
             ts,
             solver,
-            forward=forward,
-            strength=strength,
-            check_finite=check_finite,
-            max_amplification=limit,
-            **kw,
+            False,
+            strength,
+            grad,
+            progress,
+            callback,
+            check_finite,
+            max_amplification,
+            model_kwargs,
         )
-        n = len(grid) - 1
-        check = FiniteCheck(grid, solver, state.x, every_step, replayed=every_step is True) if check_finite else None
+    )
+
+
+class _Walk(NamedTuple):
+    """One call of ``sample`` / ``invert``, as given (``every_step``: a replay's per-step finite check)."""
+
+    model: Denoiser
+    x: torch.Tensor | State
+    ts: torch.Tensor
+    solver: Solver
+    forward: bool
+    strength: float | None
+    grad: bool
+    progress: bool
+    callback: Callback | None
+    check_finite: bool
+    max_amplification: float | None
+    kw: dict[str, Any]
+    every_step: bool | None = None
+
+
+class _Start(NamedTuple):
+    """A walk ready to run: its plan, the state at its front (oriented as solvers take it: ``x_prev`` the noisier
+    point) and ``k``, the index of the plan's walk that the state has reached."""
+
+    plan: Plan
+    state: State
+    k: int
+
+
+def _run(w: _Walk) -> State:
+    recorder = None
+    if w.callback is not None:
+        if not callable(w.callback):
+            raise TypeError(f"callback must be callable as callback(step), got {type(w.callback).__name__}")
+        _check_model(w.model)  # (before wrapping it)
+        recorder = _FirstEvaluation(w.model)
+    model = recorder or w.model
+    with torch.set_grad_enabled(w.grad):
+        plan, state, k = _begin(w, model)
+        walk, forward, kw = plan.walk, w.forward, w.kw
+        n = len(walk) - 1
+        check = (
+            _FiniteCheck(walk, w.solver, state.x, w.every_step, replayed=w.every_step is True)
+            if w.check_finite
+            else None
+        )
+        watch = recorder is not None or (check is not None and check.every_step)  # (else nothing to do per step)
 
         def after(j: int) -> bool:
-            """Record and report the step that reached ``grid[j]``; True: the callback stops the walk."""
+            """Record and report the step that reached ``walk[j]``; True: the callback stops the walk."""
             if check is not None:
                 check.record(j, state, forward)
-            if callback is None:
+            if recorder is None:
                 return False
-            return callback(Step(j, grid[j - 1], grid[j], _facing(state, forward), *recorder.first)) is True
+            step = Step(j, walk[j - 1], walk[j], _facing(state, forward), *recorder.first)
+            return _stops(w.callback(step))
 
-        # the solver's init took the first step from a lone latent
-        watch = callback is not None or (check is not None and check.every_step)  # (else nothing to do per step)
-        stop = watch and k == 1 and isinstance(x, torch.Tensor) and after(1)
-        move, denoiser = solver.step if forward else solver.unstep, recorder or model
+        reached = k
+        stop = watch and k == 1 and not isinstance(w.x, State) and after(1)
+        # a walk that owns its latents and shows them to no one writes each step into the latent it drops (large
+        # latents only: there a fresh tensor is a fresh memory mapping; smaller ones come from the allocator's cache)
+        reuse = recorder is None and not w.grad and state.x.numel() * state.x.element_size() >= _REUSE_BYTES
+        owned_prev, owned_x = False, k == 1 and not isinstance(w.x, State)
         # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
-        bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if progress else None
+        bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if w.progress else None
         with bar or contextlib.nullcontext():
             for j in range(k + 1, n + 1):
                 if stop:
                     break
                 if recorder is not None:
-                    recorder.reset()
-                state = move(denoiser, state, grid[j], **kw)
+                    recorder.first = None
+                into = None
+                if reuse:
+                    into = (state.x_prev if owned_prev else None) if forward else (state.x if owned_x else None)
+                state = plan.step(model, state, j, kw, into)
+                owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
+                reached = j
                 if bar is not None:
                     bar.update()
                 if watch:
@@ -214,11 +227,156 @@ def _walk(
         if j == -1:
             # the final state is not finite: replay without the callback, recording every step, to name the first
             # failing one (the replay raises; if it does not, the model did not reproduce its output)
-            _walk(model, x, ts, solver, forward, strength, False, False, None, True, limit, kw, every_step=True)
+            _run(w._replace(grad=False, progress=False, callback=None, every_step=True))
         if j is not None:
             raise check.error(j, state)
-    return _facing(state, forward)
+    return stamp(_facing(state, forward), walk[: reached + 1], w.solver)
 
+
+_REUSE_BYTES = 1 << 22
+
+
+def _begin(w: _Walk, model: Denoiser, init: bool = True) -> _Start:
+    """Validate a walk, make its plan and take its first step if it starts from a lone latent: everything before
+    the loop. Refused before any model call: a model that is not a denoiser, a solver that is not one, a bad grid
+    or strength, a non-finite input (``check_finite``), a state that does not continue the grid or was made by
+    another solver (``locate``), and a walk whose amplification of rounding exceeds ``max_amplification``. With
+    ``init=False`` a lone latent is validated but not stepped (``state`` is then ``None``, ``k`` 0)."""
+    _check_model(model)
+    _check_solver(w.solver)
+    grid = cut(check_grid(w.ts, model.schedule), w.strength)
+    walk = grid if w.forward else grid[::-1]
+    given = w.x if isinstance(w.x, State) else None
+    latent = check_state(given, "x").x if given is not None else check_latent(w.x)
+    if w.check_finite and not _finite(*([given.x_prev, given.x] if given is not None else [latent])):
+        raise FloatingPointError("non-finite values (NaN or inf) in the input x")
+    plan = _plan(model, w.solver, walk, w.forward, latent)
+    _check_amplification(plan.amplification, w.solver, w.forward, latent.dtype, w.max_amplification)
+    if given is not None:
+        state, k = locate(given, walk, w.solver, name="x (a bdia.State)")
+        if k > 1:
+            raise ValueError(
+                f"x (a bdia.State) holds times that do not continue this grid from its start: it sits at t = "
+                f"{walk[k]}, {k} steps into the grid (which {'samples' if w.forward else 'inverts'} from t={walk[0]}); "
+                "pass the grid from there, or the strength that made it"
+            )
+    if given is None and not init:
+        return _Start(plan, None, 0)  # type: ignore[arg-type]
+    if given is None:
+        # (a pair solver's first step reaches walk[1]; coupled copies start where the latent is, at walk[0])
+        state, k = locate(plan.init(model, latent, w.kw), walk, name="the solver's first step")
+    return _Start(plan, state, k)
+
+
+def cut(grid: list[float], strength: float | None) -> list[float]:
+    """The last ``int(strength * N)`` steps of an N-step grid (noisiest first), as diffusers' img2img counts them;
+    ``None``: the whole grid."""
+    if strength is None:
+        return grid
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or not (0.0 < strength <= 1.0):
+        raise ValueError(
+            f"strength must be a float in (0, 1] (the share of the grid's steps to walk), got {strength!r}"
+        )
+    n = len(grid) - 1
+    k = min(int(n * strength), n)  # as diffusers' img2img: int(num_inference_steps * strength)
+    if k < 1:
+        raise ValueError(f"strength={strength} walks int({n} * {strength}) = 0 of the grid's {n} steps; use more")
+    return grid[n - k :]
+
+
+def locate(state: State, walk: list[float], solver: object | None = None, *, name: str = "state") -> tuple[State, int]:
+    """Where ``state`` sits on ``walk`` (a grid in walk order: noisiest first to sample, reversed to invert), and
+    whether ``solver`` may continue it there.
+
+    Returns the state as solvers take it (sampling orientation: ``x_prev`` the noisier point) and ``k``, the index in
+    ``walk`` of the point the walk has reached. Refuses (a ``ValueError`` naming ``name``): a pair that is not two
+    consecutive points of the walk (or its front at ``walk[0]`` with the other point behind it), coupled copies not
+    at a time of the walk, and, where both the state and the solver say who they are (``State.solver``,
+    ``bdia.solvers.identity``), a state made by another scheme or on a grid whose recorded way ahead differs from the
+    walk's (e.g. another step count of a grid family that shares its last two points).
+    """
+    check_state(state, name)
+    s = state.flipped() if state.t_prev < state.t else state
+    forward = len(walk) < 2 or walk[0] > walk[1]
+    front, behind = (s.t, s.t_prev) if forward else (s.t_prev, s.t)
+    k = walk.index(front) if front in walk else -1
+    if k < 0 or (not s.coupled and k > 0 and walk[k - 1] != behind):
+        what = f"the time {front}" if s.coupled else f"the times ({state.t_prev}, {state.t})"
+        where = (
+            "a time of it" if s.coupled else "two consecutive points of it, or its first point with the other before it"
+        )
+        raise ValueError(
+            f"{name} holds {what}, which do not continue this grid ({_show(walk)}, in walk order; a state must hold "
+            f"{where}): pass the grid that made it"
+        )
+    made_by = getattr(solver, "identity", None)
+    if made_by is None or state.solver is None:
+        return s, k
+    if made_by != state.solver:
+        raise ValueError(
+            f"{name} was made by {state.solver}; {made_by} does not continue it exactly (a state made by another "
+            "solver is not retraced by its steps): pass a solver configured as the one that made it, or "
+            "state.replace(solver=None) to continue it deliberately with another"
+        )
+    if state.grid is not None:
+        history = state.grid if forward else state.grid[::-1]
+        m = history.index(front)
+        for i in range(1, min(len(history) - m, len(walk) - k)):
+            if walk[k + i] != history[m + i]:
+                raise ValueError(
+                    f"{name} was made on a grid whose next time after t={history[m + i - 1]} is {history[m + i]}, but "
+                    f"this walk goes to {walk[k + i]}: pass the grid that made it ({_show(list(state.grid))}, kept in "
+                    "state.grid), or state.replace(grid=None) to continue it deliberately on another"
+                )
+    return s, k
+
+
+def stamp(state: State, walked: list[float], solver: object) -> State:
+    """``state`` (as a walk reports it) with its provenance: the times walked merged into ``state.grid``, and
+    ``state.solver`` the solver's identity (``bdia.solvers.identity``; None for a one-step integrator)."""
+    times = {*walked, state.t, state.t_prev, *(state.grid or ())}
+    return state.replace(grid=tuple(sorted(times, reverse=True)), solver=getattr(solver, "identity", None))
+
+
+def _show(times: list[float]) -> str:
+    return ", ".join(map(str, times)) if len(times) <= 4 else f"{times[0]}, {times[1]}, ..., {times[-1]}"
+
+
+# ---------------------------------------------------------------------------------------------------- plans
+
+_PLANS: OrderedDict[tuple, tuple[weakref.ref, Plan]] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
+_MAX_PLANS = 32
+
+
+def _plan(model: Denoiser, solver: Any, walk: list[float], forward: bool, like: torch.Tensor) -> Plan:
+    """The solver's plan for this walk (``solver.plan``, else its own steps), kept for the next walk with the same
+    model, solver, grid, direction and kind of latent when the solver says its plans stay valid (``cacheable``): the
+    one cache of the walk, bounded, keyed by identity (a plan holds no reference to the model)."""
+    make = getattr(solver, "plan", None)
+    base = model.model if isinstance(model, _FirstEvaluation) else model
+    key = None
+    if getattr(solver, "cacheable", False):
+        key = (id(base), id(solver), tuple(walk), forward, like.shape[0], like.dim(), like.dtype, like.device)
+        with _PLANS_LOCK:
+            hit = _PLANS.get(key)
+            if hit is not None and hit[0]() is base and hit[1].solver is solver:
+                _PLANS.move_to_end(key)
+                return hit[1]
+    plan = make(model, walk, forward, like) if make is not None else Stepping(solver, model, walk, forward)
+    if key is not None:
+        try:
+            ref = weakref.ref(base)
+        except TypeError:  # a denoiser that cannot be weakly referenced is not cached
+            return plan
+        with _PLANS_LOCK:
+            _PLANS[key] = (ref, plan)
+            while len(_PLANS) > _MAX_PLANS:
+                _PLANS.popitem(last=False)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------- finite values
 
 _HINT = (
     "check the model output, the schedule's end points (an epsilon model cannot give x0 where alpha = 0) and the "
@@ -226,44 +384,33 @@ _HINT = (
 )
 
 
-class FiniteCheck:
-    """NaN or inf in a walk's latents, found without a host sync per step; ``raise_if_bad`` names the first
-    failing step.
+class _FiniteCheck:
+    """NaN or inf in a walk's latents, found without a host sync per step; ``error`` names the first failing step.
 
-    A solver whose walk carries every non-finite value into its final state declares ``nonfinite_persists =
-    True``: each latent it makes is an affine combination that includes the latent it stepped from (a zero
-    coefficient included, and IEEE arithmetic keeps NaN and inf: ``0 x inf = NaN``). BDIA, O-BELM, EDICT and the
-    integrators do. Their walk does no per-step work for the check: ``failed`` sums the final state's newest
-    latent once (both coupled copies), and a non-finite one is located by ``bdia.sample`` replaying the walk with
-    a check after every step (the failing walk pays for the replay; a finite one pays one reduction). Otherwise
-    (``Exact``, whose integers do not carry NaN, or a solver that does not declare it) ``record`` writes one sum
-    of the latent each step made into a buffer preallocated on the device, through ``out=``, so that the loop
-    allocates nothing (small allocations between the step's large ones cost the CPU allocator more than the
-    arithmetic).
+    A solver whose walk carries every non-finite value into its final state declares ``nonfinite_persists = True``:
+    each latent it makes is an affine combination that includes the latent it stepped from (a zero coefficient
+    included, and IEEE arithmetic keeps NaN and inf: ``0 x inf = NaN``). BDIA, O-BELM, EDICT and the integrators do.
+    Their walk does no per-step work for the check: ``failed`` sums the final state's newest latent once (both
+    coupled copies), and a non-finite one is located by replaying the walk with a check after every step (the
+    failing walk pays for the replay; a finite one pays one reduction). Otherwise (``Exact``, whose integers do not
+    carry NaN, or a solver that does not declare it) ``record`` writes one sum of the latent each step made into a
+    buffer preallocated on the device, through ``out=``, so that the loop allocates nothing.
 
     Sums are taken in the latent's dtype (float32 for half precision, which could overflow where the latent does
     not): a float32 latent with finite elements is only reported if their sum passes 3e38, which no working walk
     approaches.
     """
 
-    def __init__(
-        self,
-        grid: list[float],
-        solver: object,
-        like: torch.Tensor,
-        every_step: bool | None = None,
-        *,
-        replayed: bool = False,
-    ):
+    def __init__(self, walk: list[float], solver: object, like: torch.Tensor, every_step=None, *, replayed=False):
         """``every_step``: ``None`` decides by the solver; ``replayed``: the walk replays a failing one (message)."""
-        self.grid, self.solver, self.replayed = grid, solver, replayed
+        self.walk, self.solver, self.replayed = walk, solver, replayed
         self.every_step = not getattr(solver, "nonfinite_persists", False) if every_step is None else every_step
         if self.every_step:
-            self.sums = torch.zeros(len(grid), 2, dtype=_sum_dtype(like), device=like.device)
+            self.sums = torch.zeros(len(walk), 2, dtype=_sum_dtype(like), device=like.device)
             self._dims = tuple(range(like.dim()))
 
     def record(self, j: int, state: State, forward: bool) -> None:
-        """After the step to ``grid[j]``: the latent it made (both, for coupled copies)."""
+        """After the step to ``walk[j]``: the latent it made (both, for coupled copies)."""
         if not self.every_step:
             return
         if torch.is_grad_enabled() and (state.x.requires_grad or state.x_prev.requires_grad):
@@ -276,8 +423,7 @@ class FiniteCheck:
 
     def failed(self, state: State, forward: bool = True) -> int | None:
         """The first failing step (``state``: the walk's last); ``None`` if every latent is finite; ``-1`` if the
-        final state is not finite but the steps were not recorded (the walk must be replayed to name the step).
-        Unrecorded, the newest latent of a pair is read (it includes the one before it), or both coupled copies."""
+        final state is not finite but the steps were not recorded (the walk must be replayed to name the step)."""
         if self.every_step:
             bad = ~torch.isfinite(self.sums).all(dim=1)
             return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None  # the one host sync of the walk
@@ -287,7 +433,7 @@ class FiniteCheck:
 
     def error(self, j: int, state: State) -> FloatingPointError:
         """The error naming step ``j`` (``-1``: a replay found no failing step)."""
-        g = self.grid
+        g = self.walk
         describe = getattr(self.solver, "describe_nonfinite", None)
         hint = describe(state) if describe is not None else _HINT
         if j < 0:
@@ -302,7 +448,7 @@ class FiniteCheck:
         )
 
     def raise_if_bad(self, state: State) -> None:
-        """Raise if a step was not finite (for a walk recorded step by step; ``bdia.sample`` also replays)."""
+        """Raise if a step was not finite (for a walk recorded step by step)."""
         j = self.failed(state)
         if j is not None:
             raise self.error(j, state)
@@ -323,39 +469,49 @@ def _sum_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.element_size() < 4 else x.dtype
 
 
+# -------------------------------------------------------------------------------------------------- helpers
+
+
 def _facing(state: State, forward: bool) -> State:
     """A state as the walk reports it: ``x`` is the latent the walk ended on (``flipped`` leaves coupled copies)."""
     return state if forward else state.flipped()
 
 
+def _stops(result: Any) -> bool:
+    """Whether a callback's answer stops the walk: any true bool, numpy bool, int or one-element tensor does."""
+    if result is None or result is False:
+        return False
+    if isinstance(result, bool | np.bool_ | numbers.Integral):
+        return bool(result)
+    if isinstance(result, torch.Tensor) and result.numel() == 1:
+        return bool(result)
+    raise TypeError(
+        f"the callback returned {type(result).__name__}: return True (or a true numpy bool, int or one-element "
+        "tensor) to stop the walk, None or False to go on"
+    )
+
+
 class _FirstEvaluation:
-    """A denoiser that passes calls through and keeps the first one of each step (for the callback)."""
+    """A denoiser that passes calls through and keeps the first one of each step (for the callback); it offers the
+    model's ``prepare`` / ``predict`` where the model does, so that a plan's prepared path is kept."""
 
     def __init__(self, model: Denoiser):
         self.model, self.schedule, self.first = model, model.schedule, None
+        self.plannable = getattr(model, "plannable", False)
+        if self.plannable:
+            self.prepare = model.prepare  # type: ignore[attr-defined]
 
-    def reset(self) -> None:
-        self.first = None
+    def predict(self, x: torch.Tensor, ready: Prepared, **kw: Any) -> Prediction:
+        pred = self.model.predict(x, ready, **kw)  # type: ignore[attr-defined]
+        if self.first is None:
+            self.first = (x, pred)
+        return pred
 
     def __call__(self, x: torch.Tensor, t: float, **kw: Any) -> Prediction:
         pred = self.model(x, t, **kw)
         if self.first is None:
             self.first = (x, pred)
         return pred
-
-
-def _strength(grid: list[float], strength: float | None) -> list[float]:
-    if strength is None:
-        return grid
-    if isinstance(strength, bool) or not isinstance(strength, int | float) or not (0.0 < strength <= 1.0):
-        raise ValueError(
-            f"strength must be a float in (0, 1] (the share of the grid's steps to walk), got {strength!r}"
-        )
-    n = len(grid) - 1
-    k = min(int(n * strength), n)  # as diffusers' img2img: int(num_inference_steps * strength)
-    if k < 1:
-        raise ValueError(f"strength={strength} walks int({n} * {strength}) = 0 of the grid's {n} steps; use more")
-    return grid[n - k :]
 
 
 def _check_model(model: object) -> None:
@@ -381,16 +537,38 @@ def _check_solver(solver: object) -> None:
 _SOLVER_METHODS = ("init", "step", "unstep", "amplification")
 
 
-def _check_amplification(solver, schedule, grid, forward, dtype, limit) -> None:
-    if limit is None:
-        limit = 1.0 / torch.finfo(dtype).eps
-    elif isinstance(limit, bool) or not isinstance(limit, int | float) or not limit >= 1:
-        raise ValueError(f"max_amplification must be a number >= 1 (or None for the dtype's default), got {limit!r}")
-    a = solver.amplification(schedule, grid, forward)
-    if a > limit:
+def limits(dtype: torch.dtype) -> tuple[float, float]:
+    """The default refusal and warning thresholds of a walk's amplification for latents of ``dtype``: one rounding
+    grown to 10% and to 1% of the data's scale, and at least 16 (half precision rounds each step by 0.05-0.4% anyway;
+    a walk that amplifies less is as good as that precision allows)."""
+    eps = torch.finfo(dtype).eps
+    refuse = max(16.0, 0.1 / eps)
+    return refuse, min(refuse, max(16.0, 0.01 / eps))
+
+
+def _check_amplification(a: float, solver: Solver, forward: bool, dtype: torch.dtype, limit: float | None) -> None:
+    refuse, warn = limits(dtype)
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit >= 1:
+            raise ValueError(
+                f"max_amplification must be a number >= 1 (or None for the dtype's default), got {limit!r}"
+            )
+        refuse = warn = limit
+    what = "sampling" if forward else "inversion"
+    if a > refuse:
         raise ValueError(
-            f"this {'sampling' if forward else 'inversion'} walk with {solver!r} can amplify rounding errors by up to "
-            f"{a:.3g}, past {limit:.3g} (max_amplification; by default 1/eps of {dtype}), where rounding alone can "
-            "reach the scale of the data: use gamma closer to 1, another grid, float64 or the exact mode "
-            "(bdia.exact.Exact), or pass max_amplification= to run it anyway (docs/theory.md)"
+            f"this {what} walk with {solver!r} can amplify rounding errors by up to {a:.3g} (one rounding grown that "
+            f"much, an estimate on unit Gaussian data), past {refuse:.3g} (max_amplification; by default 10% of the "
+            f"data's scale in {dtype}): use gamma "
+            "closer to 1, another grid, float64 or the exact mode (bdia.exact.Exact), or pass max_amplification= "
+            "to run it anyway (docs/theory.md, 'Rounding')"
+        )
+    if a > warn:
+        eps = torch.finfo(dtype).eps
+        warnings.warn(
+            f"this {what} walk with {solver!r} can grow one rounding error {a:.3g}-fold, to about {a * eps:.2g} of the "
+            f"data's scale in {dtype} (an estimate that does not see the network's own growth); pass "
+            "max_amplification= to silence this",
+            RuntimeWarning,
+            stacklevel=4,
         )

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["EDM", "VP", "Coefficients", "DiscreteVP", "Flow", "PerSchedule", "Schedule", "check_grid"]
+__all__ = ["EDM", "VP", "Coefficients", "DiscreteVP", "Flow", "Schedule", "check_grid"]
 
 
 class Coefficients(NamedTuple):
@@ -41,16 +40,9 @@ class Schedule(ABC):
 
     def at(self, t: float) -> Coefficients:
         """alpha, sigma and their time derivatives at native time ``t`` (a python float)."""
-        # A walk asks for the same few grid times at every step: remember them (a schedule never changes).
-        memo = self.__dict__.setdefault("_memo", {})
-        k = memo.get(t)
-        if k is None:
-            if not (self.t_min <= t <= self.t_max):
-                raise ValueError(f"time t={t!r} is outside {type(self).__name__}'s range [{self.t_min}, {self.t_max}]")
-            k = self._at(t)
-            if len(memo) < 1 << 16:
-                memo[t] = k
-        return k
+        if not (self.t_min <= t <= self.t_max):
+            raise ValueError(f"time t={t!r} is outside {type(self).__name__}'s range [{self.t_min}, {self.t_max}]")
+        return self._at(t)
 
     def alpha_sigma(self, t: float) -> tuple[float, float]:
         c = self.at(t)
@@ -219,6 +211,11 @@ class DiscreteVP(Schedule):
             raise ValueError(f"steps_offset={steps_offset} puts timesteps outside [0, {T - 1}]")
         end = -1 if set_alpha_to_one else 0
         times = sorted(set(steps) | {end}, reverse=True)
+        if len(times) < 2:
+            raise ValueError(
+                f"n={n} with spacing={spacing!r} gives the single time {times[0]} (its one step, to the end point "
+                "it starts at, is the identity): use n >= 2, steps_offset=1 or set_alpha_to_one=True"
+            )
         return torch.tensor(times, dtype=torch.float64)
 
     def __repr__(self) -> str:
@@ -320,33 +317,3 @@ class Flow(Schedule):
 
     def __repr__(self) -> str:
         return "Flow()"
-
-
-class PerSchedule:
-    """A memo dict per schedule, for what a solver computes once per grid point: ``memo(schedule)`` returns it.
-
-    Weak in the schedule (one built per request is freed with its model); the last schedule asked for is found
-    without hashing (a walk asks every step); a solver that holds one pickles and copies with it empty.
-    """
-
-    __slots__ = ("_data", "_last")
-
-    def __init__(self) -> None:
-        self._data: weakref.WeakKeyDictionary[Schedule, dict] = weakref.WeakKeyDictionary()
-        self._last: tuple[weakref.ref, dict] | None = None
-
-    def __call__(self, schedule: Schedule) -> dict:
-        last = self._last
-        if last is not None and last[0]() is schedule:
-            return last[1]
-        memo = self._data.get(schedule)
-        if memo is None:
-            memo = self._data[schedule] = {}
-        self._last = (weakref.ref(schedule), memo)
-        return memo
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __reduce__(self) -> tuple:
-        return PerSchedule, ()

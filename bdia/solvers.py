@@ -1,31 +1,28 @@
-"""Reversible solvers (BDIA, O-BELM, EDICT) on an explicit ``State``, and the ``Solver`` protocol they share.
+"""Reversible solvers (BDIA, O-BELM, EDICT) on an explicit ``State``, and what every solver shares.
 
-Every solver offers three pure functions of a denoiser, a state and the grid times:
-
-- ``init(model, x, t, t_next)``: start a walk from a lone latent at ``t`` (returns a state);
-- ``step(model, state, t_next)``: advance to ``t_next``;
-- ``unstep(model, state, t_prev)``: the inverse of ``step``, back to ``t_prev``;
-
-and ``amplification(schedule, times, forward)``: how much the walk over ``times`` can amplify a rounding error,
-checked before any network call. A solver may also declare ``nonfinite_persists = True`` when NaN or inf in
-any latent of its walk stays in the walk's final state; ``bdia.sample`` then checks that state once instead
-of every step (see ``bdia.sampling.FiniteCheck``). The integrators of ``bdia.integrators`` (Euler, DDIM,
-DDIMInverse, Heun, ScaledHeun, DPMSolver2) are one-step solvers and are re-exported here.
+A solver offers ``init``, ``step``, ``unstep`` and ``amplification`` (the protocol is ``bdia.protocols.Solver``);
+BDIA also turns a whole walk into a plan computed once (``BDIA.plan``). The integrators of ``bdia.integrators``
+(Euler, DDIM, DDIMInverse, Heun, ScaledHeun, DPMSolver2) are one-step solvers and are re-exported here.
+``identity(solver)`` names the scheme a state was made with; ``linear_growth`` estimates a walk's amplification of
+rounding for any solver (docs/theory.md, "Rounding").
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+import itertools
+import math
+from typing import Any, NamedTuple
 
 import torch
 
-from bdia._linalg import factored, factored2, lincomb
+from bdia._linalg import Coef, factored, factored2, lincomb
 from bdia.gamma import BoundedOBELM, Gamma, GammaFn, as_gamma, obelm_gamma
-from bdia.integrators import DDIM, DDIMInverse, DPMSolver2, Euler, Heun, Integrator, ScaledHeun, _pair
-from bdia.models import Denoiser, fold
-from bdia.schedules import PerSchedule, Schedule
-from bdia.state import State
+from bdia.integrators import DDIM, DDIMInverse, DPMSolver2, Euler, Heun, Integrator, ScaledHeun
+from bdia.models import Denoiser, Prediction, fold
+from bdia.protocols import Solver, Stepping
+from bdia.schedules import Schedule
+from bdia.state import State, _coupled, _pair, _provenance
 
 __all__ = [
     "BDIA",
@@ -35,78 +32,77 @@ __all__ = [
     "BoundedOBELM",
     "DDIMInverse",
     "DPMSolver2",
-    "Drift",
     "EDICTState",
     "Euler",
     "Heun",
     "Integrator",
     "ScaledHeun",
     "Solver",
+    "identity",
+    "linear_growth",
     "obelm_gamma",
 ]
 
 
-@runtime_checkable
-class Solver(Protocol):
-    """What ``bdia.sample`` / ``bdia.invert`` (and ``sample_with_grad``) need of a solver."""
+def identity(solver: object) -> str | None:
+    """The scheme ``solver`` runs, as a string (``BDIA(DDIM(), gamma=1.0, backward=DDIM())``), or ``None``.
 
-    nfe: int
-    order: int
-
-    def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State: ...
-
-    def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State: ...
-
-    def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State: ...
-
-    def amplification(self, schedule: Schedule, times: list[float], forward: bool) -> float: ...
+    Two solvers with one identity make the same steps: a state made by one continues exactly with the other.
+    ``bdia.sample`` / ``bdia.invert`` stamp it on the states they return and refuse to continue a state with a
+    solver of another identity. One-step integrators have none (they ignore the older latent of a pair, and their
+    inversion is approximate anyway), nor have solvers that do not define ``identity``: neither is checked.
+    """
+    return getattr(solver, "identity", None)
 
 
-class Drift(NamedTuple):
+class _Drift(NamedTuple):
     """BDIA's update split as ``x_next = gamma x_prev + F`` with ``F = scale T``.
 
     ``T`` is computed once per evaluation, from the same terms in the same order whichever way the walk goes, so
     it has the same bits in ``step`` and ``unstep``, and ``scale T`` enters both through add's ``alpha``: a round
-    trip sees only the rounding of ``gamma x_prev + F`` and of its inverse. ``forward`` and ``inverse`` may write
-    over ``T`` (a fresh tensor): use a drift once.
+    trip sees only the rounding of ``gamma x_prev + F`` and of its inverse. ``forward`` and ``inverse`` write over
+    ``T`` (a fresh tensor: use a drift once), or into ``into``, a tensor the caller no longer needs.
     """
 
-    gamma: float | torch.Tensor  # python float, or float64 per sample shaped to broadcast
-    scale: float
+    gamma: Coef  # python float, or float64 per sample shaped to broadcast
+    scale: Coef
     T: torch.Tensor
 
     def tensor(self) -> torch.Tensor:
         """``F`` itself (a fresh tensor; ``T`` is kept)."""
         return self.T * self.scale if self.scale != 1.0 else self.T.clone()
 
-    def forward(self, x_prev: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_prev: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """``gamma x_prev + F``."""
         g, s, T = self
+        out = _writable(T, into, x_prev)
         if type(g) is float and g == 1.0:
-            return _plus(x_prev, s, T)  # two passes over memory for the whole gamma = 1 step
-        if isinstance(g, torch.Tensor):
-            return torch.mul(x_prev, g.to(x_prev.dtype)).add_(T, alpha=s)
+            return torch.add(x_prev, T, alpha=s, out=out)  # two passes over memory for the whole gamma = 1 step
+        if isinstance(g, torch.Tensor):  # (T is read after the product, which cannot be written over it)
+            return torch.mul(x_prev, g.to(x_prev.dtype), out=None if out is T else out).add_(T, alpha=s)
         if g == 0.0:
-            return T.mul_(s)  # the plain integrator's update, to the bit
-        return _plus(x_prev, s / g, T).mul_(g)  # g (x_prev + (s/g) T): three passes, one allocation
+            return torch.mul(T, s, out=out)  # the plain integrator's update, to the bit
+        return torch.add(x_prev, T, alpha=s / g, out=out).mul_(g)  # g (x_prev + (s/g) T): three passes
 
-    def inverse(self, x_next: torch.Tensor) -> torch.Tensor:
+    def inverse(self, x_next: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
         """``(x_next - F) / gamma``: the exact inverse of ``forward`` in exact arithmetic."""
         g, s, T = self
+        out = _writable(T, into, x_next)
         if isinstance(g, torch.Tensor):
-            return _plus(x_next, -s, T).div_(g.to(T.dtype))
+            return torch.add(x_next, T, alpha=-s, out=out).div_(g.to(T.dtype))
         if g == 1.0:
-            return _plus(x_next, -s, T)
-        # forward's g (x_prev + (s/g) T) undone in reverse order, (s/g) T the same product both ways
-        return torch.div(x_next, g).add_(T, alpha=-s / g)
+            return torch.add(x_next, T, alpha=-s, out=out)
+        # forward's g (x_prev + (s/g) T) undone in reverse order, (s/g) T the same product both ways (T is read after
+        # the division, so the quotient cannot be written over it)
+        return torch.div(x_next, g, out=None if out is T else out).add_(T, alpha=-s / g)
 
 
-def _plus(y: torch.Tensor, s: float, T: torch.Tensor) -> torch.Tensor:
-    """``y + s T`` written over ``T``, a fresh intermediate: it saves an allocation, which on CPU costs as much as
-    a pass over a small latent. Autograd refuses ``out=``, so a recorded step allocates."""
-    if (y.requires_grad or T.requires_grad) and torch.is_grad_enabled():
-        return torch.add(y, T, alpha=s)
-    return torch.add(y, T, alpha=s, out=T)
+def _writable(T: torch.Tensor, into: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor | None:
+    """Where an update may write: ``into`` if given, else over ``T`` (a fresh intermediate: it saves an allocation).
+    Autograd refuses ``out=``, so a recorded step allocates (``None``)."""
+    if torch.is_grad_enabled() and (other.requires_grad or T.requires_grad):
+        return None
+    return T if into is None else into
 
 
 class BDIA:
@@ -123,7 +119,12 @@ class BDIA:
     else the lower of the integrator's and the backward step's (1 with the default first-order backward step).
     Inversion divides by gamma: rounding errors grow like ``gamma^-N`` (docs/theory.md), and inverting with
     gamma = 0 is an error. The walk's first step is a plain integrator step (there is no older point yet).
+
+    A solver is a value: configure a new one rather than changing one's attributes (a walk's plan is kept per
+    solver).
     """
+
+    nonfinite_persists = True  # x_next includes x through F and x_prev (checked once per walk)
 
     def __init__(
         self,
@@ -147,102 +148,126 @@ class BDIA:
             self.order = max(2, self.integrator.order)
         else:
             self.order = min(self.integrator.order, self.backward.order)
-        # F's coefficients on (x, x0, eps) per schedule and grid point, for affine integrators
-        self._plans = PerSchedule()
-        self._affine = self.integrator.affine and self.backward.affine
 
-    nonfinite_persists = True  # x_next includes x through F and x_prev (bdia.sampling.FiniteCheck)
+    @property
+    def affine(self) -> bool:
+        """Whether ``F`` is ``A x + B x0 + C eps`` with numbers of the times alone (both maps affine)."""
+        return self.integrator.affine and self.backward.affine
+
+    @property
+    def identity(self) -> str:
+        return f"BDIA({self.integrator!r}, gamma={self.gamma.identity}, backward={self.backward!r})"
 
     def init(self, model: Denoiser, x: torch.Tensor, t: float, t_next: float, **kw: Any) -> State:
         return self.integrator.init(model, x, t, t_next, **kw)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> State:
-        x, t = _pair(state, self).x, state.t
-        F = self.drift(model, x, state.t_prev, t, t_next, **kw)
-        return State(x, F.forward(state.x_prev), t, t_next)
+        x = _pair(state, self).x
+        F = self.drift(model, x, state.t_prev, state.t, t_next, **kw)
+        return State(x, F.forward(state.x_prev), state.t, t_next)
 
     def unstep(self, model: Denoiser, state: State, t_prev: float, **kw: Any) -> State:
-        if self.gamma.bounds(model.schedule, t_prev, _pair(state, self).t_prev, state.t)[0] == 0:
-            raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
-        F = self.drift(model, state.x_prev, t_prev, state.t_prev, state.t, **kw)
-        return State(F.inverse(state.x), state.x_prev, t_prev, state.t_prev)
+        x = _pair(state, self).x_prev
+        self._check_invertible(model.schedule, t_prev, state.t_prev, state.t)
+        F = self.drift(model, x, t_prev, state.t_prev, state.t, **kw)
+        return State(F.inverse(state.x), x, t_prev, state.t_prev)
 
-    def drift(self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float, **kw: Any) -> Drift:
-        """``x_next = gamma x_prev + F(x)``: gamma and F at the shared point ``x`` (one model evaluation at ``t``)."""
-        g = self.gamma.constant
-        if g is None:
-            g = self.gamma.at(model.schedule, t_prev, t, t_next, x)
+    def drift(self, model: Denoiser, x: torch.Tensor, t_prev: float, t: float, t_next: float, **kw: Any) -> _Drift:
+        """gamma and ``F(x)`` at the shared point ``x`` (one model evaluation at ``t``)."""
+        g = self.gamma.at(model.schedule, t_prev, t, t_next, x)
         pred = model(x, t, **kw)
-        if self._affine:
-            if pred.m is not None and pred.u is x and type(g) is float:
-                # a Model's prediction: F on (x, network output), two numbers memoised per grid point and matrix
-                cx, cv = self._folded(model.schedule, t_prev, t, t_next, g, pred.m)
-                return Drift(g, *factored2(cx, x, cv, pred.v))
-            A, B, C = self._plan(model.schedule, t_prev, t, t_next, g)
-            return Drift(g, *pred.factored(A, x, B, C))
+        if self.affine:
+            A, B, C = self.coefficients(model.schedule, t_prev, t, t_next, g)
+            return _Drift(g, *pred.factored(A, x, B, C))
         ahead = self.integrator(model, x, t, t_next, pred, **kw)
         back = self.backward(model, x, t, t_prev, pred, **kw)
-        return Drift(g, *factored((1.0, ahead), (-g, back)))
+        return _Drift(g, *factored((1.0, ahead), (-g, back)))
 
-    def _plan(self, schedule: Schedule, t_prev: float, t: float, t_next: float, g: float | torch.Tensor):
-        """F's coefficients on ``(x, x0, eps)``: the forward map's minus gamma times the backward map's."""
-        plans = self._plans(schedule) if isinstance(g, float) else None
-        key = (t_prev, t, t_next, g)
-        plan = plans.get(key) if plans is not None else None
-        if plan is None:
-            f = self.integrator.coefficients(schedule, t, t_next)
-            b = self.backward.coefficients(schedule, t, t_prev)
-            plan = (f[0] - g * b[0], f[1] - g * b[1], f[2] - g * b[2])
-            if plans is not None and len(plans) < 1 << 12:  # a few grids' worth
-                plans[key] = plan
-        return plan
+    def coefficients(self, schedule: Schedule, t_prev: float, t: float, t_next: float, g: Coef) -> tuple:
+        """``(A, B, C)`` with ``F = A x + B x0 + C eps`` (both maps affine): the forward map's minus gamma times the
+        backward map's, in float64 (tensors for a per-sample gamma)."""
+        f = self.integrator.coefficients(schedule, t, t_next)
+        b = self.backward.coefficients(schedule, t, t_prev)
+        return f[0] - g * b[0], f[1] - g * b[1], f[2] - g * b[2]
 
-    def _folded(self, schedule: Schedule, t_prev: float, t: float, t_next: float, g: float, m: tuple) -> tuple:
-        """``fold`` of the plan by a prediction matrix ``m`` (the same numbers ``Prediction.factored`` computes)."""
-        memo = self._plans(schedule)
-        key = (t_prev, t, t_next, g, m)
-        folded = memo.get(key)
-        if folded is None:
-            A, B, C = self._plan(schedule, t_prev, t, t_next, g)
-            cu, cv = fold(B, C, m)
-            folded = (A + cu, cv)
-            if len(memo) < 1 << 12:
-                memo[key] = folded
-        return folded
+    def plan(self, model: Denoiser, walk: list[float], forward: bool, like: torch.Tensor) -> _Plan | Stepping:
+        """The walk over ``walk`` (walk order) prepared once: each step's gamma and ``F``'s coefficients, folded
+        into a ``Model``'s parametrisation where the model offers ``prepare``. The same bits as ``step`` and
+        ``unstep``: the same numbers, applied by the same kernel. Over a multi-stage integrator (Heun), whose F is
+        no fixed combination, the plan is its own steps."""
+        if not self.affine:
+            return Stepping(self, model, walk, forward)
+        return _Plan(self, model, walk, forward, like)
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether a plan stays valid for the next walk: gamma is a value, not a user function."""
+        return self.gamma.pure
 
     def amplification(self, schedule: Schedule, times: list[float], forward: bool) -> float:
-        """``prod max(1, c_i)`` over the walk's two-step updates: how much a rounding error can grow.
+        """``linear_growth`` of this walk (``times`` in sampling order): how much it can grow one rounding error, an
+        estimate. Refuses an inversion through a step with gamma = 0."""
+        if not forward:
+            for t_prev, t, t_next in zip(times, times[1:], times[2:], strict=False):
+                self._check_invertible(schedule, t_prev, t, t_next)
+        return linear_growth(self, schedule, times, forward, batch=self.gamma.batch or 1)
 
-        Sampling: ``c_i = gamma_i alpha(t_prev) / alpha(t_next)``, the parasitic root of the update in the scaled
-        coordinate ``x / alpha`` (docs/theory.md; O-BELM's is ``(h_i / h_{i+1})^2``), or ``gamma_i`` where
-        ``t_prev`` is pure noise (alpha = 0). Inversion: ``c_i = 1 / gamma_i``, the factor ``unstep`` multiplies
-        the newer latent by (``gamma^-N`` for a constant gamma). ``times``: the grid in sampling order.
-        """
-        memo = self._plans(schedule)
-        key = ("amplification", tuple(times), forward)
-        value = memo.get(key)
-        if value is None:  # (a walk asks once; the same grid is walked again and again)
-            value = self._amplification(schedule, times, forward)
-            if len(memo) < 1 << 12:
-                memo[key] = value
-        return value
-
-    def _amplification(self, schedule: Schedule, times: list[float], forward: bool) -> float:
-        total = 1.0
-        for t_prev, t, t_next in zip(times, times[1:], times[2:], strict=False):
-            lo, hi = self.gamma.bounds(schedule, t_prev, t, t_next)
-            if forward:
-                ap = schedule.at(t_prev).alpha
-                c = hi * ap / schedule.at(t_next).alpha if ap > 0 else hi
-            elif lo == 0:
-                raise ValueError("BDIA with gamma = 0 is the plain integrator and cannot be inverted; use gamma > 0")
-            else:
-                c = 1.0 / lo
-            total *= max(1.0, c)
-        return total
+    def _check_invertible(self, schedule: Schedule, t_prev: float, t: float, t_next: float) -> None:
+        if self.gamma.bounds(schedule, t_prev, t, t_next)[0] == 0:
+            raise ValueError(
+                f"BDIA with gamma = 0 (at the step t = {t} -> {t_next}) is the plain integrator and cannot be "
+                "inverted; use gamma > 0"
+            )
 
     def __repr__(self) -> str:
         return f"BDIA({self.integrator!r}, gamma={self.gamma!r}, backward={self.backward!r})"
+
+
+class _Plan:
+    """One BDIA walk prepared: for step ``j`` (from ``walk[j - 1]`` to ``walk[j]``, ``j >= 2``) its gamma, the
+    evaluation time and F's coefficients; on a ``Model`` (``prepare``) the network's time tensor and the
+    coefficients on ``(x, network output)``. Immutable: one plan serves many walks and threads."""
+
+    __slots__ = ("amplification", "forward", "solver", "steps", "walk")
+
+    def __init__(self, solver: BDIA, model: Denoiser, walk: list[float], forward: bool, like: torch.Tensor):
+        schedule = model.schedule
+        prepare = getattr(model, "prepare", None) if getattr(model, "plannable", False) else None
+        steps: list[tuple | None] = [None, None]
+        for j in range(2, len(walk)):
+            t_prev, t, t_next = (walk[j - 2], walk[j - 1], walk[j]) if forward else (walk[j], walk[j - 1], walk[j - 2])
+            g = solver.gamma.at(schedule, t_prev, t, t_next, like)
+            A, B, C = solver.coefficients(schedule, t_prev, t, t_next, g)
+            ready = None if prepare is None else prepare(t, like)
+            if ready is not None and ready.m is not None:
+                # the numbers Prediction.factored computes for a Model's prediction (x, output, matrix)
+                cu, cv = fold(B, C, ready.m)
+                steps.append((g, t, ready, A + cu, cv, None))
+            else:
+                steps.append((g, t, None, A, B, C))
+        self.solver, self.walk, self.forward, self.steps = solver, walk, forward, steps
+        times = walk if forward else walk[::-1]
+        self.amplification = solver.amplification(schedule, times, forward)
+
+    def init(self, model: Denoiser, x: torch.Tensor, kw: dict[str, Any]) -> State:
+        return self.solver.init(model, x, self.walk[0], self.walk[1], **kw)
+
+    def step(
+        self, model: Denoiser, state: State, j: int, kw: dict[str, Any], into: torch.Tensor | None = None
+    ) -> State:
+        entry = self.steps[j]
+        if entry is None:  # (the first step: a lone latent's was init; a given pair's continues here)
+            move = self.solver.step if self.forward else self.solver.unstep
+            return move(model, state, self.walk[j], **kw)
+        g, t, ready, a, b, c = entry
+        x = _pair(state, self.solver).x if self.forward else state.x_prev
+        if ready is not None:
+            F = _Drift(g, *factored2(a, x, b, model.predict(x, ready, **kw).v))
+        else:
+            F = _Drift(g, *model(x, t, **kw).factored(a, x, b, c))
+        if self.forward:
+            return State(x, F.forward(state.x_prev, into), t, self.walk[j])
+        return State(F.inverse(state.x, into), x, self.walk[j], t)
 
 
 def _check_integrator(v: object, name: str) -> None:
@@ -250,6 +275,96 @@ def _check_integrator(v: object, name: str) -> None:
         raise TypeError(f"{name} must be an instance, e.g. {v.__name__}(), got the class {v.__name__}")
     if not isinstance(v, Integrator):
         raise TypeError(f"{name} must be a bdia.solvers.Integrator (DDIM(), Euler(), Heun()), got {type(v).__name__}")
+
+
+class _UnitGaussian:
+    """The exact denoiser of standard normal data: ``x0 = alpha x / (alpha^2 + sigma^2)``, ``eps = sigma x / (...)``:
+    linear in ``x``, so a solver's step on it is a linear map whose matrix its action on two basis latents gives."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def __call__(self, x: torch.Tensor, t: float, **kw: Any) -> Prediction:
+        k = self.schedule.at(t)
+        n = k.alpha * k.alpha + k.sigma * k.sigma
+        return Prediction(x * (k.alpha / n), x * (k.sigma / n))
+
+
+def linear_growth(solver: Any, schedule: Schedule, times: list[float], forward: bool, *, batch: int = 1) -> float:
+    """How much a walk of ``solver`` over ``times`` (sampling order) can grow one rounding error: the largest
+    ``w_k ||P_k||`` over its steps, ``P_k`` the product of the two-step updates' matrices after step ``k`` and
+    ``w_k`` the scale of the latent step ``k`` rounds relative to the result's (``sqrt(alpha^2 + sigma^2)``, so that
+    a walk whose latents merely grow with the noise level, as EDM's do, amplifies nothing).
+
+    The matrices are those of the solver's own ``step`` (``unstep`` to invert) on unit-variance Gaussian data,
+    whose denoiser is linear (probed on two basis latents, in float64). The estimate sees the solver, gamma and the
+    grid, not the network's own growth (a trained or random network can add orders of magnitude): an estimate, not
+    a bound (docs/theory.md, "Rounding"). 1 means no growth. ``batch``: the size a per-sample gamma needs (the
+    largest growth over the samples is returned).
+    """
+    if len(times) < 3:
+        return 1.0
+    model = _UnitGaussian(schedule)
+    e0 = torch.zeros(batch, 2, dtype=torch.float64)
+    e1 = e0.clone()
+    e0[:, 0], e1[:, 1] = 1.0, 1.0  # element 0 probes the older latent, element 1 the newer
+    coupled = solver.init(model, e0, times[0], times[1]).coupled
+    # each two-step update as (state before it, where it goes, the time of the latent it makes), in walk order
+    if coupled:  # coupled copies step between consecutive times
+        spans = list(itertools.pairwise(times))
+        steps = (
+            [(State(e0, e1, t, t, coupled=True), s, s) for t, s in spans]
+            if forward
+            else [(State(e0, e1, s, s, coupled=True), t, t) for t, s in reversed(spans)]
+        )
+    else:  # a pair steps over three consecutive times
+        triples = list(zip(times, times[1:], times[2:], strict=False))
+        steps = (
+            [(State(e0, e1, p, t), n, n) for p, t, n in triples]
+            if forward
+            else [(State(e0, e1, t, n), p, p) for p, t, n in reversed(triples)]
+        )
+    move = solver.step if forward else solver.unstep
+    matrices, scales = [], []
+    for before, target, made in steps:
+        after = move(model, before, target)
+        # the matrix of (older, newer) -> (older, newer) after the step: rows from the images of the two probes
+        older, newer = after.x_prev.tolist(), after.x.tolist()
+        matrices.append([(o[0], o[1], n[0], n[1]) for o, n in zip(older, newer, strict=True)])
+        scales.append(_scale(schedule, made))
+    first = steps[0][0]
+    start = _scale(schedule, first.t if forward or coupled else first.t_prev)
+    end, worst = scales[-1], 1.0
+    for b in range(batch):
+        # the rounding of step i reaches the result through the later steps' matrices; the starting latents' through
+        # all of them
+        P = (1.0, 0.0, 0.0, 1.0)
+        for i in range(len(matrices) - 1, 0, -1):
+            P = _matmul(P, matrices[i][b])
+            worst = max(worst, scales[i - 1] * _norm2(P) / end)
+        worst = max(worst, start * _norm2(_matmul(P, matrices[0][b])) / end)
+    return worst if math.isfinite(worst) else math.inf
+
+
+def _scale(schedule: Schedule, t: float) -> float:
+    """The typical size of a latent at ``t`` for unit-variance data."""
+    k = schedule.at(t)
+    return math.sqrt(k.alpha * k.alpha + k.sigma * k.sigma)
+
+
+def _matmul(p: tuple, q: tuple) -> tuple:
+    """2x2 matrices as (a, b, c, d) row-major, in python floats."""
+    a, b, c, d = p
+    e, f, g, h = q
+    return a * e + b * g, a * f + b * h, c * e + d * g, c * f + d * h
+
+
+def _norm2(p: tuple) -> float:
+    """The spectral norm of a 2x2 matrix."""
+    a, b, c, d = p
+    s = a * a + b * b + c * c + d * d
+    det = a * d - b * c
+    return math.sqrt(max(0.0, (s + math.sqrt(max(0.0, s * s - 4 * det * det))) / 2))
 
 
 class OBELM(BDIA):
@@ -265,8 +380,8 @@ class OBELM(BDIA):
     steps, where the published one is the least accurate one-evaluation solver from 50 steps up (10x DDIM's distance
     at 100 steps; docs/benchmarks.md, section 4). It changes only the steps whose root exceeds the bound.
 
-    Its gamma_i can be far below 1 (0.004 on the last step of a 20-step SD grid), so its inversion
-    amplifies rounding like ``prod_i 1/gamma_i``: exact in exact arithmetic, fragile in floating point.
+    Its gamma_i can be far below 1 (0.004 on the last step of a 20-step SD grid), so on short grids its inversion
+    amplifies rounding (``amplification``): exact in exact arithmetic, fragile in floating point.
     """
 
     def __init__(self, max_root: float | None = None) -> None:
@@ -281,8 +396,9 @@ class OBELM(BDIA):
 @dataclasses.dataclass(frozen=True, eq=False)
 class EDICTState(State):
     """Coupled copies with the parity of the walk: ``odd`` says whether the next step towards less noise is an odd
-    one (counted from the walk's noisy end, as the official EDICT code counts), which ``EDICT(alternate=True)`` needs to
-    pick its update order. Each step flips it; a plain coupled ``State`` counts as even."""
+    one (counted from the noisy end of the grid walked, as the official EDICT code counts), which
+    ``EDICT(alternate=True)`` needs to pick its update order. Each step flips it; a plain coupled ``State`` counts as
+    even."""
 
     odd: bool = False
 
@@ -291,7 +407,15 @@ class EDICTState(State):
 
     @classmethod
     def _from_dict(cls, d: dict[str, Any]) -> State:
-        return EDICTState(d["x_prev"], d["x"], float(d["t_prev"]), float(d["t"]), bool(d["coupled"]), bool(d["odd"]))
+        return EDICTState(
+            d["x_prev"],
+            d["x"],
+            float(d["t_prev"]),
+            float(d["t"]),
+            bool(d["coupled"]),
+            odd=bool(d["odd"]),
+            **_provenance(d),
+        )
 
 
 class EDICT:
@@ -342,6 +466,16 @@ class EDICT:
             raise TypeError(f"alternate must be a bool (True: the official code's update order), got {alternate!r}")
         self.p, self.alternate = p, alternate
 
+    @property
+    def identity(self) -> str:
+        return repr(self)
+
+    cacheable = True  # its plan (the walk's parity) depends on its configuration alone
+
+    def plan(self, model: Denoiser, walk: list[float], forward: bool, like: torch.Tensor) -> Stepping:
+        """Its own steps, with the parity that the number of steps walked sets when inverting a lone latent."""
+        return _EDICTPlan(self, model, walk, forward)
+
     def _affine(self, schedule: Schedule, t: float, s: float) -> tuple[float, float]:
         """``(A, B)`` with ``Phi_e(z; t -> s) = A z + B e`` for a noise prediction ``e``: the integrator's
         coefficients with ``x0 = (z - sigma_t e) / alpha_t`` substituted."""
@@ -388,18 +522,19 @@ class EDICT:
         return self._state(y, x, t_prev, odd)
 
     def amplification(self, schedule: Schedule, times: list[float], forward: bool) -> float:
-        """Not bounded here: EDICT's round trips are measured instead (docs/benchmarks.md)."""
-        return 1.0
+        """``linear_growth`` of this walk: its inverse divides by ``p`` and by the integrator's ``A`` every step."""
+        return linear_growth(self, schedule, times, forward)
 
     def __repr__(self) -> str:
         alt = ", alternate=True" if self.alternate else ""
         return f"EDICT({self.integrator!r}, p={self.p}{alt})"
 
 
-def _coupled(state: State) -> State:
-    if not state.coupled:
-        raise ValueError(
-            f"EDICT continues coupled copies at one time (a state made by EDICT), got a pair of consecutive points at "
-            f"times ({state.t_prev}, {state.t}), made by another solver"
-        )
-    return state
+class _EDICTPlan(Stepping):
+    """EDICT's walk: its own steps; inverting a lone latent over n steps starts with the parity of step n."""
+
+    def init(self, model: Denoiser, x: torch.Tensor, kw: dict[str, Any]) -> State:
+        state = super().init(model, x, kw)
+        if self.forward or not isinstance(state, EDICTState):
+            return state
+        return dataclasses.replace(state, odd=(len(self.walk) - 1) % 2 == 1)

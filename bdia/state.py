@@ -1,9 +1,17 @@
-"""The explicit state of a reversible solver: two latents and their times, a value that saves and moves."""
+"""The explicit state of a reversible solver: two latents and their times, a value that saves and moves.
+
+A state also says where it came from: ``grid``, the grid times the walks that made it passed through, and
+``solver``, the identity of the solver that made it (``bdia.solvers.identity``). ``bdia.sample`` and
+``bdia.invert`` stamp both and refuse, before any network call, to continue a state on another grid or with another
+solver: the pair alone cannot tell (every Stable Diffusion ``leading`` grid ends with the times (1, 0)).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,7 +20,7 @@ import torch
 __all__ = ["State", "check_latent", "check_state", "load", "save"]
 
 
-@dataclasses.dataclass(frozen=True, eq=False, init=False)
+@dataclasses.dataclass(frozen=True, eq=False, init=False, repr=False)
 class State:
     """``x`` at time ``t`` and ``x_prev`` at ``t_prev``: the pair a two-step solver continues from.
 
@@ -24,6 +32,11 @@ class State:
     *Coupled* copies (``coupled=True``, EDICT): two latents at one time, ``x`` the output and ``x_prev`` its
     partner. A solver refuses a state of the other kind: continuing one with the wrong solver is silently wrong.
 
+    Provenance (``None`` for a state built by hand): ``grid``, every grid time the walks that made the state passed
+    through, noisiest first, and ``solver``, the identity of the solver that made it. A walk that continues the
+    state must follow ``grid`` wherever it records the way ahead, and use the same solver (``replace(grid=None,
+    solver=None)`` makes an anonymous pair, checked only against the two times it holds).
+
     A frozen value: ``replace(**changes)`` makes a modified copy, ``to(...)`` moves or casts both latents
     (``Tensor.to``'s arguments), ``state_dict()`` / ``bdia.state.load`` / ``bdia.state.save`` store it.
     """
@@ -33,14 +46,26 @@ class State:
     t_prev: float
     t: float
     coupled: bool = False
+    grid: tuple[float, ...] | None = None
+    solver: str | None = None
 
     _kinds: ClassVar[dict[str, type[State]]] = {}
 
-    def __init__(self, x_prev: torch.Tensor, x: torch.Tensor, t_prev: float, t: float, coupled: bool = False):
+    def __init__(
+        self,
+        x_prev: torch.Tensor,
+        x: torch.Tensor,
+        t_prev: float,
+        t: float,
+        coupled: bool = False,
+        grid: tuple[float, ...] | None = None,
+        solver: str | None = None,
+    ):
         # (the frozen dataclass's own __init__ sets each field through object.__setattr__: three times slower,
         # and a walk makes a state per step; subclasses get the generated one)
         d = self.__dict__
         d["x_prev"], d["x"], d["t_prev"], d["t"], d["coupled"] = x_prev, x, t_prev, t, coupled
+        d["grid"], d["solver"] = grid, solver
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -68,6 +93,16 @@ class State:
             rows = slice(rows, rows + 1 or None)  # (rows = -1: slice(-1, None))
         return dataclasses.replace(self, x_prev=self.x_prev[rows], x=self.x[rows])
 
+    def __repr__(self) -> str:
+        x = self.x
+        where = "" if self.grid is None else f", grid=<{len(self.grid)} times>"
+        made = "" if self.solver is None else f", solver={self.solver!r}"
+        kind = ", coupled=True" if self.coupled else ""
+        return (
+            f"{type(self).__name__}(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device}, "
+            f"t_prev={self.t_prev}, t={self.t}{kind}{where}{made})"
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The state as a plain dict of tensors, floats, ints, strings and lists, which ``torch.save`` stores and
         ``torch.load(weights_only=True)`` reads back (no code is unpickled). Times are python floats: exact."""
@@ -78,30 +113,49 @@ class State:
             "t_prev": self.t_prev,
             "t": self.t,
             "coupled": self.coupled,
+            "grid": None if self.grid is None else list(self.grid),
+            "solver": self.solver,
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> State:
+    def from_state_dict(cls, d: dict[str, Any], *, name: str = "the state") -> State:
         """The state that ``state_dict`` described (of the type it names: a ``State`` or a subclass such as
-        ``bdia.exact.ExactState``)."""
+        ``bdia.exact.ExactState``). Missing or malformed entries are named in a ``ValueError``; ``name`` says what
+        was read (e.g. the file)."""
         if not isinstance(d, dict) or "type" not in d:
-            raise TypeError("expected a dict made by State.state_dict() (with a 'type' entry)")
+            raise ValueError(f"{name} is not a dict made by State.state_dict() (it has no 'type' entry)")
         kind = State._kinds.get(d["type"]) if d["type"] != "State" else State
         if kind is None:
-            raise ValueError(f"unknown state type {d['type']!r}; expected one of {['State', *State._kinds]}")
-        return check_state(kind._from_dict(d), "the loaded state")
+            raise ValueError(f"{name}: unknown state type {d['type']!r}; expected one of {['State', *State._kinds]}")
+        try:
+            state = kind._from_dict(d)
+        except KeyError as e:
+            raise ValueError(f"{name} lacks the entry {e.args[0]!r} of a {d['type']} state_dict") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name} holds a malformed {d['type']} state_dict: {e}") from None
+        return check_state(state, name)
 
     @classmethod
     def _from_dict(cls, d: dict[str, Any]) -> State:
-        return State(d["x_prev"], d["x"], float(d["t_prev"]), float(d["t"]), bool(d["coupled"]))
+        return State(d["x_prev"], d["x"], float(d["t_prev"]), float(d["t"]), bool(d["coupled"]), **_provenance(d))
+
+
+def _provenance(d: dict[str, Any]) -> dict[str, Any]:
+    """The provenance entries of a state_dict (absent in files written before states carried them)."""
+    grid, solver = d.get("grid"), d.get("solver")
+    if grid is not None:
+        if not isinstance(grid, list | tuple):
+            raise TypeError(f"'grid' must be a list of times, got {type(grid).__name__}")
+        grid = tuple(float(t) for t in grid)
+    return {"grid": grid, "solver": solver}
 
 
 def save(state: State, path: str | Path) -> None:
-    """Write ``state`` to ``path``: safetensors when the name ends in ``.safetensors`` (tensors as tensors, the rest
-    as JSON metadata; needs the ``safetensors`` package), else ``torch.save`` of ``state.state_dict()``."""
+    """Write ``state`` to ``path``: safetensors when the name ends in ``.safetensors`` (any case; tensors as tensors,
+    the rest as JSON metadata; needs the ``safetensors`` package), else ``torch.save`` of ``state.state_dict()``."""
     check_state(state)
     d, path = state.state_dict(), Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         torch.save(d, path)
         return
     from safetensors.torch import save_file
@@ -114,8 +168,8 @@ def save(state: State, path: str | Path) -> None:
 def load(path: str | Path, device: torch.device | str = "cpu") -> State:
     """Read a state written by ``save`` (``torch.load(weights_only=True)`` or safetensors: no code is unpickled)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        return State.from_state_dict(torch.load(path, map_location=device, weights_only=True))
+    if path.suffix.lower() != ".safetensors":
+        return State.from_state_dict(torch.load(path, map_location=device, weights_only=True), name=str(path))
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as f:
@@ -123,7 +177,15 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> State:
         if meta is None:
             raise ValueError(f"{path} holds no bdia state (no 'bdia.state' metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return State.from_state_dict(_unflatten(json.loads(meta), tensors))
+    try:
+        described = json.loads(meta)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: its 'bdia.state' metadata is not JSON ({e})") from None
+    try:
+        d = _unflatten(described, tensors)
+    except KeyError as e:
+        raise ValueError(f"{path}: its metadata names the tensor {e.args[0]!r}, which the file does not hold") from None
+    return State.from_state_dict(d, name=str(path))
 
 
 def _flatten(v: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -178,4 +240,34 @@ def check_state(s: State, name: str = "state") -> State:
             f"{name} has times ({s.t_prev}, {s.t}) with coupled={s.coupled}: coupled copies (EDICT) share one "
             "time, a pair of consecutive points has two"
         )
+    if s.grid is not None:
+        g = s.grid
+        if not isinstance(g, tuple) or not all(type(t) is float and math.isfinite(t) for t in g):
+            raise TypeError(f"{name}.grid must be None or a tuple of finite python floats (noisiest first)")
+        if not all(a > b for a, b in itertools.pairwise(g)) or s.t not in g or s.t_prev not in g:
+            raise ValueError(
+                f"{name}.grid must be strictly decreasing and hold the state's own times ({s.t_prev}, {s.t})"
+            )
+    if s.solver is not None and not isinstance(s.solver, str):
+        raise TypeError(f"{name}.solver must be None or a str (bdia.solvers.identity), got {type(s.solver).__name__}")
     return s
+
+
+def _pair(state: State, solver: object) -> State:
+    """``state`` if it is a pair of consecutive points (what BDIA and the integrators continue)."""
+    if state.coupled:
+        raise ValueError(
+            f"{solver!r} continues a pair of consecutive points, got coupled copies at one time "
+            f"(t = {state.t}), made by EDICT: continue an EDICT state with EDICT"
+        )
+    return state
+
+
+def _coupled(state: State) -> State:
+    """``state`` if it holds coupled copies at one time (what EDICT continues)."""
+    if not state.coupled:
+        raise ValueError(
+            f"EDICT continues coupled copies at one time (a state made by EDICT), got a pair of consecutive points at "
+            f"times ({state.t_prev}, {state.t}), made by another solver"
+        )
+    return state

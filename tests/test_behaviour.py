@@ -325,7 +325,7 @@ def test_a_solver_does_not_keep_schedules_alive():
         refs.append(weakref.ref(s))
         del s, gmm
     gc.collect()
-    assert all(r() is None for r in refs) and len(solver._plans) == 0
+    assert all(r() is None for r in refs)  # the walk's plans keep no schedule or model alive
     assert digits.schedule() is digits.schedule()  # the shipped model's schedule is built once
 
 
@@ -353,7 +353,8 @@ def test_velocity_nets_and_euler_need_nothing_special():
 
 
 def test_model_reuses_its_time_tensor_until_the_network_edits_it():
-    """Model builds the (batch,) time tensor once per time; a network that modifies it in place gets a fresh one."""
+    """A walk's plan builds the (batch,) time tensors once for its grid and the next walk reuses them; a network that
+    modifies its time tensor in place gets a fresh one, so every call sees its own time."""
     seen = []
 
     def net(x, t):
@@ -361,16 +362,18 @@ def test_model_reuses_its_time_tensor_until_the_network_edits_it():
         t.add_(1000.0)  # a (misbehaving) network that edits its input
         return torch.zeros_like(x)
 
-    model = Model(net, DiscreteVP.stable_diffusion(), "epsilon")
-    x = torch.zeros(3, 4)
-    model(x, 981.0)
-    model(x, 981.0)
-    assert [v.tolist() for _, v in seen] == [[981.0] * 3, [981.0] * 3]
-    assert seen[0][0] is not seen[1][0]  # rebuilt after the edit
+    schedule = DiscreteVP.stable_diffusion()
+    ts, solver, x = schedule.timesteps(4, "leading", steps_offset=1), BDIA(), torch.zeros(3, 4)
+    model = Model(net, schedule, "epsilon")
+    for _ in range(2):
+        bdia.sample(model, x, ts, solver)
+    times = [v.tolist() for _, v in seen]
+    assert times == 2 * [[t] * 3 for t in ts.tolist()[:-1]]  # every call saw its own time, in both walks
+    assert seen[1][0] is not seen[5][0]  # rebuilt after the edit
 
     seen.clear()
-    polite = Model(lambda x, t: seen.append(t) or torch.zeros_like(x), DiscreteVP.stable_diffusion(), "epsilon")
-    polite(x, 981.0)
-    polite(x, 981.0)
-    polite(x[:2], 981.0)
-    assert seen[0] is seen[1] and seen[2].shape == (2,)
+    polite = Model(lambda x, t: seen.append(t) or torch.zeros_like(x), schedule, "epsilon")
+    for latent in (x, x, x[:2]):
+        bdia.sample(polite, latent, ts, solver)
+    assert all(a is b for a, b in zip(seen[1:4], seen[5:8], strict=True))  # the second walk reused the plan's
+    assert seen[9].shape == (2,)  # another batch size: another plan

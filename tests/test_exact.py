@@ -253,6 +253,9 @@ def test_a_plain_float_state_is_quantised_and_continued():
     half = bdia.sample(model, torch.randn(2, 8, dtype=torch.float64), ts[:10], BDIA(DDIM(), 1.0))
     assert not isinstance(half, ExactState)
     ex = Exact(BDIA(DDIM(), 0.5))
+    with pytest.raises(ValueError, match="made by another solver"):  # a state knows the solver that made it
+        bdia.sample(model, half, ts[8:], ex)
+    half = half.replace(solver=None)  # continued deliberately with another solver
     out = bdia.sample(model, half, ts[8:], ex)
     back = bdia.invert(model, out, ts[8:], ex)
     k = out.fixed.frac_bits
@@ -347,16 +350,21 @@ def test_bad_arguments_are_named():
 def test_gamma_zero_cannot_be_inverted():
     model = model_for("sd", None, dim=8)
     ts = grid("sd", 5, variant=1)
+    with pytest.raises(ValueError, match="Exact\\(BDIA\\(gamma=0\\)\\) cannot be inverted"):
+        Exact(BDIA(DDIM(), 0.0))  # refused when configured, before any walk or model call
+    per_step = Exact(BDIA(DDIM(), lambda s, tp, t, tn: 0.0))  # a gamma of 0 at some step is found by the walk
     with pytest.raises(ValueError, match="gamma must lie in \\(0, 1024\\]"):
-        bdia.sample(model, torch.randn(2, 8), ts, Exact(BDIA(DDIM(), 0.0)))
+        bdia.sample(model, torch.randn(2, 8), ts, per_step)
 
 
 def test_mismatched_resolution_is_refused():
     model = model_for("sd", None, dim=8)
     ts = grid("sd", 5, variant=1)
     out = bdia.sample(model, torch.randn(2, 8), ts, Exact(BDIA(), frac_bits=20))
-    with pytest.raises(ValueError, match="frac_bits=20 but this solver uses frac_bits=24"):
+    with pytest.raises(ValueError, match="frac_bits=20.*frac_bits=24.*made by another solver"):
         bdia.invert(model, out, ts, Exact(BDIA(), frac_bits=24))
+    with pytest.raises(ValueError, match="frac_bits=20 but this solver uses frac_bits=24"):  # an anonymous pair
+        bdia.invert(model, out.replace(solver=None), ts, Exact(BDIA(), frac_bits=24))
 
 
 def test_a_state_is_never_modified_in_place():

@@ -90,9 +90,9 @@ def test_precomputed_bdia_step_equals_the_term_by_term_update():
 
 @pytest.mark.parametrize("prediction", ["epsilon", "sample", "v"])
 @pytest.mark.parametrize("gamma", [1.0, 0.5, 0.0])
-def test_bdia_memoised_fold_is_the_prediction_s_own(prediction, gamma):
-    """BDIA memoises F's two coefficients on (x, network output) per grid point for a Model's prediction: the same
-    bits as ``Prediction.factored`` of the plan, which every other denoiser goes through."""
+def test_bdia_drift_is_its_coefficients_applied_to_the_prediction(prediction, gamma):
+    """F's coefficients on (x, x0, eps), folded by a Model's prediction onto (x, network output): the same bits as
+    ``Prediction.factored`` of those coefficients, which every other denoiser goes through."""
     s = DiscreteVP.stable_diffusion()
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
@@ -100,6 +100,6 @@ def test_bdia_memoised_fold_is_the_prediction_s_own(prediction, gamma):
     solver = BDIA(DDIM(), gamma=gamma)
     for t_prev, t, t_next in [(981.0, 961.0, 941.0), (41.0, 21.0, 1.0), (21.0, 1.0, -1.0)]:
         F = solver.drift(model, x, t_prev, t, t_next)
-        A, B, C = solver._plan(s, t_prev, t, t_next, gamma)
+        A, B, C = solver.coefficients(s, t_prev, t, t_next, gamma)
         scale, T = model(x, t).factored(A, x, B, C)
         assert F.scale == scale and torch.equal(F.T, T)

@@ -17,10 +17,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import bdia
+from bdia.sampling import limits
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM, Euler, Heun, obelm_gamma
 from bdia.state import State
@@ -75,6 +76,9 @@ def cases(draw, from_data: bool):
     if amp > budget:
         solver = BDIA(integrator, gamma=1.0)
         amp = 1.0
+    # walks the library refuses by default (their rounding can reach 1% of the data's scale) are not drawn
+    times, refuse = ts.tolist(), limits(dtype)[0]
+    assume(all(solver.amplification(schedule(kind), times, forward) <= refuse for forward in (True, False)))
     shape = draw(st.sampled_from(SHAPES))
     seed = draw(st.integers(0, 2**16))
     return kind, ts, solver, prediction, dtype, shape, seed, amp
@@ -166,7 +170,7 @@ def test_gamma_below_one_amplifies_inversion_rounding(gamma):
     solver = BDIA(DDIM(), gamma)
     out = bdia.sample(model, noise, ts, solver)
     if gamma != 1.0:
-        with pytest.raises(ValueError, match="amplify rounding errors by up to 5.6.e\\+14"):
+        with pytest.raises(ValueError, match="amplify rounding errors by up to 5.8.e\\+14"):
             bdia.invert(model, out, ts, solver)
     err = rel_err(bdia.invert(model, out, ts, solver, max_amplification=math.inf).x, noise)
     if gamma == 1.0:
@@ -201,9 +205,10 @@ def test_state_keeps_the_callers_dtype_and_leaves_inputs_untouched(dtype, kind):
     assert ts.dtype == torch.float64
     noise = prior_noise(model.schedule, float(ts[0]), (2, 8), torch.Generator().manual_seed(0), dtype)
     before = noise.clone()
-    out = bdia.sample(model, noise, ts, BDIA(Heun(), 0.7))
+    lifted = {"max_amplification": math.inf}  # (half precision on EDM's sigma = 80 grid is refused by default)
+    out = bdia.sample(model, noise, ts, BDIA(Heun(), 0.7), **lifted)
     assert out.x.dtype == out.x_prev.dtype == dtype and out.x.device == noise.device
-    again = bdia.invert(model, out, ts, BDIA(Heun(), 0.7))
+    again = bdia.invert(model, out, ts, BDIA(Heun(), 0.7), **lifted)
     assert again.x.dtype == dtype
     assert torch.equal(noise, before)
 

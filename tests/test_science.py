@@ -319,7 +319,8 @@ def test_obelm_max_root_is_an_option_and_the_default_is_published():
     assert OBELM().gamma.fn is obelm_gamma and repr(OBELM()) == "OBELM()"
     bounded = OBELM(max_root=1.0)
     assert repr(bounded) == "OBELM(max_root=1.0)" and bounded.order == 2 and bounded.nfe == 1
-    assert bounded.amplification(SD, grid.tolist(), True) == 1.0 < OBELM().amplification(SD, grid.tolist(), True)
+    # sampling: the bounded roots leave rounding near its plain growth; the published ones amplify it
+    assert bounded.amplification(SD, grid.tolist(), True) < 1.5 < 5 < OBELM().amplification(SD, grid.tolist(), True)
     a, b = bdia.sample(model, z, grid, OBELM()).x, bdia.sample(model, z, grid, bounded).x
     assert relative_error(a, b) > 1e-6  # the last steps differ
     out = bdia.sample(model, z, grid, bounded)
