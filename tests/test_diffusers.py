@@ -523,7 +523,7 @@ def test_errors(unet):
     assert BDIAScheduler.from_config(karras.config, use_karras_sigmas=False).config.beta_end == 0.012
     # a pair from another grid, or the wrong latent of a right pair
     pair = State(noise_like(seed=4), x, 901.0, 801.0)
-    with pytest.raises(ValueError, match="not two consecutive points"):
+    with pytest.raises(ValueError, match="do not continue this grid"):
         sched.set_timesteps(20, state=pair)
     sched.set_timesteps(10, state=pair)
     with pytest.raises(ValueError, match="pair's latent"):

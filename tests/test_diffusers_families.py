@@ -43,7 +43,7 @@ from bdia.diffusers import (  # noqa: E402
     tiny_sdxl_pipeline,
 )
 from bdia.report import relative_error as rel  # noqa: E402
-from bdia.solvers import DDIM, Euler  # noqa: E402
+from bdia.solvers import BDIA, DDIM, Euler, identity  # noqa: E402
 
 EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 N = 10  # steps of every walk here
@@ -380,3 +380,23 @@ def test_callback_on_step_end_reads_but_does_not_replace():
     with pytest.raises(ValueError, match="returned other latents"):
         sample(pipe, start_noise(pipe, torch.float32), "a cat", output_type="latent",
                callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] * 2}, **walk_kw("sd3"))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd3"])
+def test_a_pipeline_state_carries_its_grid_and_solver(name):
+    """The scheduler's pair says where it came from, as bdia.sample's does: inverting it on another step count of
+    a grid family that shares its last two points (every Stable Diffusion ``leading`` grid ends (1, 0)), or with
+    another gamma, is refused before any network call instead of silently inverting the wrong walk."""
+    pipe = swapped(name, torch.float32, CASES[name].ours, gamma=0.5)
+    run(pipe, start_noise(pipe, torch.float32), name)
+    state = pipe.scheduler.state
+    grid = timesteps_from(pipe.scheduler, N, **_mu(pipe)).tolist()
+    made_by = BDIA(CASES[name].approximate, 0.5)  # (BDIA over the family's integrator: Euler or DDIM)
+    assert list(state.grid) == grid and state.solver == identity(made_by)
+    kw = walk_kw(name)
+    assert torch.isfinite(invert(pipe, state, PROMPTS, **kw).x).all()  # (gamma: the scheduler's, 0.5)
+    with pytest.raises(ValueError, match="made by BDIA"):
+        invert(pipe, state, PROMPTS, **{**kw, "gamma": 1.0})
+    if name == "sd15":  # (the flow grids of other step counts share no end)
+        with pytest.raises(ValueError, match="next time after"):
+            invert(pipe, state, PROMPTS, **{**kw, "num_inference_steps": 2 * N})

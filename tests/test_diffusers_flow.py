@@ -218,5 +218,5 @@ def test_continues_a_pair_and_refuses_what_it_cannot_do(sd3):
     assert sched.timesteps[0].item() == pytest.approx(1000 * grid[1]) and len(sched.timesteps) == 9
     with pytest.raises(ValueError, match="pair's latent"):
         sched.step(out, sched.timesteps[0], x)
-    with pytest.raises(ValueError, match="not two consecutive points"):
+    with pytest.raises(ValueError, match="do not continue this grid"):
         sched.set_timesteps(12, state=pair)

@@ -24,7 +24,6 @@ import torch
 
 import bdia
 from bdia import State
-from bdia.diffusers._grid import cut, locate
 from bdia.diffusers.adapters import (
     _is_flow,
     _Net,
@@ -36,7 +35,7 @@ from bdia.diffusers.adapters import (
     timesteps_from,
 )
 from bdia.models import CFG
-from bdia.sampling import Step
+from bdia.sampling import Step, cut, locate
 from bdia.solvers import BDIA, DDIM, Euler
 from bdia.state import check_state
 
@@ -708,20 +707,20 @@ def _walk(
     grid = family.grid(pipe, n, latents, size, sigmas, mu).tolist()
     if forward:
         if isinstance(start, State):
-            start, k = _locate(start, grid, n, "latents")
-            if strength is not None and cut(grid, strength)[0] != grid[k - 1]:
+            start, k = _locate(start, grid, solver, n, "latents")
+            walk = grid[max(k - 1, 0) :]  # from the pair on
+            if strength is not None and cut(grid, strength)[0] != walk[0]:
                 raise ValueError(
                     f"strength={strength} starts at t = {cut(grid, strength)[0]}, but the pair starts at "
-                    f"t = {grid[k - 1]}: leave strength out to continue the pair where it is"
+                    f"t = {walk[0]}: leave strength out to continue the pair where it is"
                 )
-            walk = grid[k - 1 :]
         else:
             walk = cut(grid, strength)
     else:
         walk = cut(grid, 1.0 if strength is None else strength)
         if isinstance(start, State):
-            start, k = _locate(start, walk[::-1], n, "image_or_latents")
-            walk = walk[: len(walk) - k + 1]  # from the pair on
+            start, k = _locate(start, walk[::-1], solver, n, "image_or_latents")
+            walk = walk[: len(walk) - max(k - 1, 0)]  # from the pair on
     # the conditioning (the text encoders' calls) and the model
     conditioning = family.conditioning(
         pipe, device, prompt, options, scale, latents.shape[0], num_images_per_prompt, size
@@ -733,9 +732,10 @@ def _walk(
     return run(model, start, ts, solver, progress=progress, callback=steps, **conditioning.cond)
 
 
-def _locate(pair: State, walk: list[float], n: int, name: str) -> tuple[State, int]:
+def _locate(pair: State, walk: list[float], solver: Any, n: int, name: str) -> tuple[State, int]:
+    """Where a given pair sits on the walk, and whether ``solver`` continues it (``bdia.sampling.locate``)."""
     try:
-        return locate(pair, walk, name=name)
+        return locate(pair, walk, solver, name=name)
     except ValueError as e:
         raise ValueError(
             f"{e}, the walk of num_inference_steps={n}: use the num_inference_steps, size and scheduler "

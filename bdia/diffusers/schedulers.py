@@ -2,7 +2,8 @@
 
 ``_BDIASchedulerBase`` is the walk a pipeline's loop drives: the pair state, ``step`` (``bdia.solvers.BDIA.step``,
 or ``unstep`` for an inverse scheduler) on the network's output, the checks that each step continues the walk,
-and where a given pair sits on the grid (``_grid.locate``). A family only says what its configuration means:
+and where a given pair sits on the grid (``bdia.sampling.locate``). A family only says what its configuration
+means:
 
 - ``BDIAScheduler`` / ``BDIAInverseScheduler``: ``DDIMScheduler``'s configuration plus ``gamma``, BDIA over DDIM on
   a discrete VP schedule, sampling and inversion;
@@ -25,9 +26,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from bdia import State
-from bdia.diffusers._grid import locate
 from bdia.diffusers.adapters import _PREDICTIONS, _flow_keys, _Net, discrete_timestep, flow_grid, model_over
 from bdia.models import Prediction
+from bdia.sampling import locate, stamp
 from bdia.schedules import DiscreteVP, Flow, Schedule
 from bdia.solvers import BDIA, DDIM, Euler, Integrator
 
@@ -136,11 +137,12 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         self._model = model_over(_Net(_given_output, discrete_timestep), self)
         self._solver = BDIA(self.integrator, self.config.gamma)
         self._state, self._given, self._step_index, self._begin_index = None, None, None, None
+        self._history, self._origin = None, None  # a given pair's recorded grid; the grid index the walk began at
         start = 0 if self.forward else len(grid) - 1
         if state is not None:
             walk = grid if self.forward else grid[::-1]
             try:
-                oriented, k = locate(_pair(state, "state"), walk, name="state")
+                oriented, k = locate(_pair(state, "state"), walk, self._solver, name="state")
             except ValueError as e:
                 raise ValueError(
                     f"{e}; set_timesteps({self.num_inference_steps}) made this grid: pass the num_inference_steps "
@@ -149,6 +151,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
             start = k if self.forward else len(grid) - 1 - k
             # the first step must be given the pair's point at the front of this walk
             self._state, self._given = oriented, (oriented.x if self.forward else oriented.x_prev)
+            self._history, self._origin = state.grid, start
         visible = list(range(start, steps)) if self.forward else list(range(start, 0, -1))
         self._position = {i: p for p, i in enumerate(visible)}
         self.timesteps = torch.tensor([self._ticks[i] for i in visible], dtype=self._tick_dtype, device=device)
@@ -160,9 +163,16 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         """The pair of latents the walk holds, as ``bdia.sample`` / ``bdia.invert`` return it (``x`` the latent the
         walk is at, ``x_prev`` the one before it), or None before the first step. After a pipeline run this is what
         ``invert`` needs for an exact inversion."""
-        if self._state is None or self.forward:
-            return self._state
-        return self._state.flipped()  # kept in sampling orientation, shown facing the inversion walk
+        st = self._state
+        if st is None:
+            return None
+        if not self.forward:
+            st = st.flipped()  # kept in sampling orientation, shown facing the inversion walk
+        # its provenance, as bdia.sample / bdia.invert stamp theirs: the grid times this walk passed through (and
+        # those of a pair it continued), and the solver, so that a walk on another grid or scheme refuses it
+        front = self._grid.index(st.t)
+        walked = self._grid[min(self._origin, front) : max(self._origin, front) + 1]
+        return stamp(st if self._history is None else st.replace(grid=self._history), walked, self._solver)
 
     @property
     def step_index(self) -> int | None:
@@ -238,6 +248,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         model = _Answer(self.schedule, pred)
         if st is None:
             st = self._solver.init(model, sample, t, self._grid[j])  # a lone latent: one plain integrator step
+            self._origin = i
             if not self.forward:
                 st = st.flipped()  # (held in sampling orientation)
         else:
