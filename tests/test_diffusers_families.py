@@ -18,6 +18,7 @@ magnitude.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -400,3 +401,29 @@ def test_a_pipeline_state_carries_its_grid_and_solver(name):
     if name == "sd15":  # (the flow grids of other step counts share no end)
         with pytest.raises(ValueError, match="next time after"):
             invert(pipe, state, PROMPTS, **{**kw, "num_inference_steps": 2 * N})
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_img2img_pipelines_take_the_flow_scheduler(name):
+    """SD3's and Flux's img2img pipelines (scale_noise after set_begin_index, a first step mid-grid) run with the
+    flow scheduler, gamma = 0 walking FlowMatchEulerDiscreteScheduler's trajectory to rounding; and invert / sample
+    take the img2img pipeline as they take the text-to-image one (its components, its defaults)."""
+    cls = {"sd3": diffusers.StableDiffusion3Img2ImgPipeline, "flux": diffusers.FluxImg2ImgPipeline}[name]
+    image, outs = _source_image(name), {}
+    for dtype in (torch.float32, torch.float64):
+        base = _pipe(name, dtype)
+        img2img = cls(**{k: v for k, v in base.components.items() if k in inspect.signature(cls).parameters})
+        img2img.set_progress_bar_config(disable=True)
+        for label, scheduler in (("ref", CASES[name].reference), ("ours", CASES[name].ours)):
+            img2img.scheduler = scheduler.from_config(_configs()[name], **({"gamma": 0.0} if label == "ours" else {}))
+            kw = walk_kw(name, strength=0.6, height=16, width=16)
+            g = torch.Generator().manual_seed(5)
+            outs[label, dtype] = img2img("a cat", image=image, generator=g, output_type="latent", **kw).images
+    bound = 4 * rounding(outs["ref", torch.float32], outs["ref", torch.float64])
+    assert rel(outs["ours", torch.float32], outs["ref", torch.float32]) < bound
+    assert rel(outs["ours", torch.float64], outs["ref", torch.float64]) < bound
+    img2img.scheduler = CASES[name].ours.from_config(_configs()[name], gamma=1.0)
+    kw = walk_kw(name, height=16, width=16)  # (a FluxImg2ImgPipeline's default size is 128 latent pixels a side)
+    back = sample(img2img, invert(img2img, image, "a cow", **kw), "a cow", output_type="latent", **kw)
+    base = swapped(name, torch.float64, CASES[name].ours, gamma=1.0)
+    assert torch.equal(back, sample(base, invert(base, image, "a cow", **kw), "a cow", output_type="latent", **kw))

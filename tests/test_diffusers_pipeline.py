@@ -14,7 +14,15 @@ pytest.importorskip("transformers")
 
 import bdia  # noqa: E402
 from bdia import State  # noqa: E402
-from bdia.diffusers import BDIAScheduler, invert, model_from, sample, timesteps_from, tiny_pipeline  # noqa: E402
+from bdia.diffusers import (  # noqa: E402
+    BDIAScheduler,
+    invert,
+    model_from,
+    sample,
+    timesteps_from,
+    tiny_flux_pipeline,
+    tiny_pipeline,
+)
 from bdia.solvers import BDIA, DDIM  # noqa: E402
 from tests.test_diffusers import Extent  # noqa: E402
 
@@ -164,7 +172,9 @@ def test_img2img_and_save_load(pipe, tmp_path):
 
 
 def readme_stand_ins() -> dict:
-    """What the README's "With diffusers" section takes as the user's: a pipeline, a prompt, noise, embeddings."""
+    """What the README's "With diffusers" section takes as the user's: pipelines (Stable Diffusion, Flux), a prompt,
+    noise, embeddings."""
     pipe = tiny_pipeline(seed=0)
     embeds = pipe.encode_prompt("a cat", "cpu", 1, False)[0]
-    return {"pipe": pipe, "prompt": "a cat", "start": noise()[:1], "prompt_embeds": embeds}
+    flux = tiny_flux_pipeline(seed=0)
+    return {"pipe": pipe, "flux": flux, "prompt": "a cat", "start": noise()[:1], "prompt_embeds": embeds}
