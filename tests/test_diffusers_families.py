@@ -255,18 +255,20 @@ def test_edit_under_a_new_prompt_and_strength(name):
 def test_sample_draws_the_pipelines_noise(name):
     """``sample(pipe, None, prompt, generator=g)`` is ``pipe(prompt, generator=g)`` with the same BDIA scheduler,
     num_images_per_prompt included: the same noise, conditioning and guidance (to the rounding of the guidance
-    combination, which bdia fuses)."""
+    combination, which bdia fuses). A generator draws other numbers in float64 than in float32, so the walk's own
+    rounding is measured from one start given as latents in both dtypes."""
     kw = walk_kw(name, num_images_per_prompt=2)
-    ours, theirs = {}, {}
+    ours, theirs, given = {}, {}, {}
     for dtype in (torch.float32, torch.float64):
         pipe = swapped(name, dtype, CASES[name].ours, gamma=1.0)
         theirs[dtype] = pipe("a cat", generator=torch.Generator().manual_seed(7), output_type="latent", **kw).images
         ours[dtype] = sample(
             pipe, None, "a cat", generator=torch.Generator().manual_seed(7), output_type="latent", **kw
         )
-    bound = 4 * rounding(theirs[torch.float32], theirs[torch.float64])
+        given[dtype] = run(pipe, start_noise(pipe, dtype), name, prompt="a cat", num_images_per_prompt=2)
+    bound = 4 * rounding(given[torch.float32], given[torch.float64])
     assert ours[torch.float32].shape[0] == 2 and rel(ours[torch.float32], theirs[torch.float32]) < bound
-    assert rel(ours[torch.float64], theirs[torch.float64]) < bound
+    assert rel(ours[torch.float64], theirs[torch.float64]) < bound * EPS64 / EPS32
 
 
 # ---------------------------------------------------------------------------------------- family specifics

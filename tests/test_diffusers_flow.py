@@ -15,10 +15,18 @@ pytest.importorskip("transformers")
 
 import bdia  # noqa: E402
 from bdia import State  # noqa: E402
-from bdia.diffusers import BDIAFlowMatchScheduler, model_from, timesteps_from, tiny_sd3_pipeline  # noqa: E402
+from bdia.diffusers import (  # noqa: E402
+    BDIAFlowMatchScheduler,
+    model_from,
+    timesteps_from,
+    tiny_sd3_pipeline,
+    tiny_wan_pipeline,
+)
+from bdia.report import relative_error as rel  # noqa: E402
 from bdia.solvers import BDIA, Euler  # noqa: E402
 
 FlowMatch = diffusers.FlowMatchEulerDiscreteScheduler
+EPS32, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 
 # the configurations pipelines run (SD3 / SD3.5, FLUX.1-dev, LTX-style shift_terminal) and every sigma option
 CONFIGS = {
@@ -220,3 +228,41 @@ def test_continues_a_pair_and_refuses_what_it_cannot_do(sd3):
         sched.step(out, sched.timesteps[0], x)
     with pytest.raises(ValueError, match="do not continue this grid"):
         sched.set_timesteps(12, state=pair)
+
+
+def test_the_flow_scheduler_inside_a_wan_video_pipeline():
+    """Beyond the covered image families: Wan (text to video) drives FlowMatchEulerDiscreteScheduler, and the flow
+    scheduler drops in. gamma = 0 walks its trajectory to rounding (bound: that walk's own float32 rounding, against
+    the float64 pipeline's); at gamma = 1 the scheduler's pair, inverted by bdia.invert over model_from (Wan's
+    transformer, guided as its pipeline guides it), returns the video's start noise (bound: that inversion's own
+    float32 rounding). (Wan's pipeline makes its latents float32 whatever the transformer's dtype: the walks compared
+    are float32 ones.)"""
+    n, g = 8, 3.0
+    kw = dict(num_inference_steps=n, guidance_scale=g, height=16, width=16, num_frames=5, max_sequence_length=8)
+    x = noise(0, (1, 16, 2, 2, 2))  # 16 channels, 2 latent frames of 2x2
+    pipes = {dtype: tiny_wan_pipeline(seed=0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
+    config = pipes[torch.float32].scheduler.config
+    walks = {}
+    for label, dtype, scheduler in (
+        ("ref", torch.float32, FlowMatch.from_config(config)),
+        ("ref", torch.float64, FlowMatch.from_config(config)),
+        ("gamma0", torch.float32, BDIAFlowMatchScheduler.from_config(config, gamma=0.0)),
+        ("gamma1", torch.float32, BDIAFlowMatchScheduler.from_config(config, gamma=1.0)),
+    ):
+        pipes[dtype].scheduler = scheduler
+        walks[label, dtype] = pipes[dtype]("a cat", latents=x, output_type="latent", **kw).frames
+    rounding = max(rel(walks["ref", torch.float32], walks["ref", torch.float64]), n * EPS32)
+    assert rel(walks["gamma0", torch.float32], walks["ref", torch.float32]) < 4 * rounding
+    pipe = pipes[torch.float32]
+    pair, ts = pipe.scheduler.state, timesteps_from(pipe.scheduler, n)
+
+    def inverted(dtype: torch.dtype) -> torch.Tensor:
+        p = pipes[dtype]
+        embeds, negative = p.encode_prompt("a cat", do_classifier_free_guidance=True, max_sequence_length=8)
+        model = model_from(p.transformer, pipe.scheduler, guidance_scale=g, encoder_hidden_states=negative)
+        with torch.no_grad():
+            return bdia.invert(model, pair.to(dtype), ts, BDIA(Euler(), 1.0), encoder_hidden_states=embeds).x
+
+    z = inverted(torch.float32)
+    e = max(rel(z, inverted(torch.float64)), n * EPS32)
+    assert rel(z, x) < 4 * e

@@ -9,7 +9,8 @@
 - ``pipelines``: ``invert`` / ``sample`` (exact inversion and editing) and ``encode`` / ``decode`` (the VAE as the
   pipeline uses it) through Stable Diffusion 1/2, SDXL, SD3 / SD3.5 and Flux pipelines, with their own guidance
   and conditioning, one network call per step (two for Flux's true CFG, as its pipeline makes them).
-- ``tiny``: those pipelines with tiny random weights, built offline (tests, examples, benchmarks).
+- ``tiny``: those pipelines (and a Wan video pipeline) with tiny random weights, built offline (tests, examples,
+  benchmarks).
 
 This package imports diffusers (``pip install "bdia[diffusers]"``); ``import bdia`` never imports it.
 See docs/diffusers.md for what maps to what and what is refused.
@@ -30,7 +31,13 @@ from bdia.diffusers.schedulers import (
     BDIAScheduler,
     BDIASchedulerOutput,
 )
-from bdia.diffusers.tiny import tiny_flux_pipeline, tiny_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
+from bdia.diffusers.tiny import (
+    tiny_flux_pipeline,
+    tiny_pipeline,
+    tiny_sd3_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_wan_pipeline,
+)
 
 __all__ = [
     "FAMILIES",
@@ -51,4 +58,5 @@ __all__ = [
     "tiny_pipeline",
     "tiny_sd3_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_wan_pipeline",
 ]

@@ -623,7 +623,10 @@ class BDIAFlowMatchScheduler(_BDIASchedulerBase):
         """One BDIA step from ``timestep`` to the grid's next sigma, given the network's velocity at ``sample``.
 
         ``s_tmin``, ``s_tmax``, ``s_noise`` and ``generator`` are unused, as in FlowMatchEulerDiscreteScheduler
-        (nothing is random); ``s_churn`` must be 0 and ``per_token_timesteps`` None."""
+        (nothing is random); ``s_churn`` must be 0 and ``per_token_timesteps`` None. A velocity of another dtype
+        than the latent (a bfloat16 transformer over float32 latents, as Wan's pipeline runs it) is cast to the
+        latent's: the walk keeps the latent's precision (FlowMatchEulerDiscreteScheduler returns the network's
+        dtype instead)."""
         if per_token_timesteps is not None:
             raise ValueError(
                 "per_token_timesteps: a step with a time per token moves tokens to different sigmas, so the walk has "
@@ -637,6 +640,8 @@ class BDIAFlowMatchScheduler(_BDIASchedulerBase):
             raise ValueError(
                 "timestep must be one of scheduler.timesteps (a float), not an integer index from enumerate(timesteps)"
             )
+        if isinstance(model_output, torch.Tensor) and isinstance(sample, torch.Tensor):
+            model_output = model_output.to(sample.dtype)  # (a no-op in the same dtype)
         return self._output(*self._advance(model_output, timestep, sample), return_dict)
 
     def scale_noise(

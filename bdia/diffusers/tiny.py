@@ -1,4 +1,5 @@
-"""Pipelines with tiny random weights, built offline from configs: Stable Diffusion 1.5, SDXL, SD3 and Flux.
+"""Pipelines with tiny random weights, built offline from configs: Stable Diffusion 1.5, SDXL, SD3, Flux, and Wan
+(text to video).
 
 Each is the real diffusers pipeline class with every component built from a small config, seeded random weights
 and every module in ``.eval()`` (a module built from a config starts in training mode: a T5 keeps its dropout on
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["tiny_flux_pipeline", "tiny_pipeline", "tiny_sd3_pipeline", "tiny_sdxl_pipeline"]
+__all__ = ["tiny_flux_pipeline", "tiny_pipeline", "tiny_sd3_pipeline", "tiny_sdxl_pipeline", "tiny_wan_pipeline"]
 
 # Stable Diffusion 1.5's scheduler configuration (its published scheduler_config.json)
 _SD15_SCHEDULER = {
@@ -313,4 +314,57 @@ def tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, guidan
         transformer=transformer,
     )
     pipe.default_sample_size = 8  # (FluxPipeline sets 128: 256x256 images by default)
+    return _finish(pipe, dtype)
+
+
+def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """A ``WanPipeline`` (text to video, flow matching) with tiny random weights: a one-block
+    ``WanTransformer3DModel``, a ``UMT5EncoderModel`` with the letters-only T5 tokenizer, an ``AutoencoderKLWan``
+    and ``FlowMatchEulerDiscreteScheduler`` with shift 3. 16x16 frames; 5 frames give latents of 16 channels,
+    2 latent frames of 2x2; pass ``max_sequence_length=8``. (No ``Family`` describes it: drive its transformer with
+    ``model_from``; its pipeline takes ``BDIAFlowMatchScheduler``.)"""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=16,  # the T5's width
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=1,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+        config = UMT5Config(
+            vocab_size=30,
+            d_model=16,
+            d_ff=32,
+            d_kv=4,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+        text = UMT5EncoderModel(config)
+    _, tokenizer = _tokenizers()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=transformer,
+    )
     return _finish(pipe, dtype)
