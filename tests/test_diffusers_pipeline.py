@@ -16,6 +16,7 @@ import bdia  # noqa: E402
 from bdia import State  # noqa: E402
 from bdia.diffusers import (  # noqa: E402
     BDIAScheduler,
+    encode,
     invert,
     model_from,
     sample,
@@ -107,7 +108,7 @@ def test_edit_a_real_image(pipe):
     rounding; under another prompt: another image. Partial inversion by strength continues where it stopped."""
     pipe.scheduler = bdia_scheduler(pipe)
     image = run(pipe, pipe.scheduler, noise(seed=3)[:1], 10, prompt="a cow")[0]
-    latent = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.mode() * pipe.vae.config.scaling_factor
+    latent = encode(pipe, image)  # the VAE's posterior mean, scaled as the pipeline scales it
     extent = Extent(pipe.scheduler.schedule)
     kw = dict(num_inference_steps=20, guidance_scale=3.0)
     z = invert(pipe, image, prompt="a cow", callback=extent, **kw)
