@@ -15,6 +15,7 @@ import functools
 import importlib
 import inspect
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -70,11 +71,15 @@ MODELS: dict[str, ModelChoice] = {
     "gmm": ModelChoice(_gmm, (64,), range(-1, 8)),
 }
 
-SOLVERS: dict[str, Callable[[argparse.Namespace], Any]] = {
-    "bdia": lambda a: bdia.solvers.BDIA(bdia.solvers.DDIM(), gamma=1.0 if a.gamma is None else a.gamma),
-    "ddim": lambda a: bdia.solvers.DDIM(),
-    "edict": lambda a: bdia.solvers.EDICT(bdia.solvers.DDIM(), p=0.93 if a.p is None else a.p),
-    "obelm": lambda a: bdia.solvers.OBELM(),
+SPACINGS = ("leading", "trailing", "linspace")
+
+# --solver name -> (the option of its parameter, build(value or None: the default)); the parameter's option is
+# refused for the other solvers
+SOLVERS: dict[str, tuple[str | None, Callable[[float | None], Any]]] = {
+    "bdia": ("--gamma", lambda g: bdia.solvers.BDIA(bdia.solvers.DDIM(), gamma=1.0 if g is None else g)),
+    "ddim": (None, lambda _: bdia.solvers.DDIM()),
+    "edict": ("--p", lambda p: bdia.solvers.EDICT(bdia.solvers.DDIM(), p=0.93 if p is None else p)),
+    "obelm": (None, lambda _: bdia.solvers.OBELM()),
 }
 
 
@@ -83,13 +88,15 @@ class _Usage(Exception):
 
 
 def _user_model(spec: str) -> ModelChoice:
+    """The factory a ``--model module:attribute`` names: imported because the user named it on the command line
+    (never because a run folder's manifest does)."""
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise _Usage(f"--model must be one of {sorted(MODELS)} or module:attribute (a denoiser factory), got {spec!r}")
     try:
-        factory = functools.reduce(getattr, attr.split("."), importlib.import_module(module))
-    except (ImportError, AttributeError) as e:
-        raise _Usage(f"--model {spec}: cannot import it ({e})") from e
+        factory = functools.reduce(getattr, attr.split("."), _import(module))
+    except Exception as e:  # the user's module: any error in it (ImportError, SyntaxError, ...) is theirs to see
+        raise _Usage(f"--model {spec}: cannot import it ({type(e).__name__}: {e})") from e
     if not callable(factory):
         raise _Usage(f"--model {spec} is not callable: expected factory(device=..., dtype=..., [guidance=...])")
 
@@ -99,13 +106,52 @@ def _user_model(spec: str) -> ModelChoice:
     return ModelChoice(build)
 
 
+def _import(module: str) -> Any:
+    """Import ``module`` looking in the current folder first, as ``python -m bdia`` would and as users expect of
+    the ``bdia`` command too (whose own ``sys.path[0]`` is its script's folder); the folder is on the path for this
+    import only, so nothing else bdia imports later can be taken from it."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a module written since the folder was last listed
+    try:
+        return importlib.import_module(module)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 # ------------------------------------------------------------------------------------------------ the parser
 
 
 def _positive(text: str) -> int:
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
     if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return v
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return v
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return v
 
 
@@ -126,7 +172,7 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
         help="digits, gmm, or module:attribute naming factory(device=, dtype=, [guidance=]) -> denoiser "
         "(default: the input run's, else digits)",
     )
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the input run's; none)")
+    g.add_argument("--guidance", type=_finite, help="classifier-free guidance scale (default: the input run's; none)")
     g.add_argument(
         "--class",
         dest="cls",
@@ -136,12 +182,14 @@ def _common(p: argparse.ArgumentParser, task: str) -> None:
         "the input's labels" + (", else digits cycle 0..9" if task == "sample" else ""),
     )
     g.add_argument("--dtype", choices=["float32", "float64"], help="latent and network dtype (default: the input's)")
-    g = p.add_argument_group("grid and solver (default: the input run's)")
-    g.add_argument("--steps", type=_positive, help=f"grid steps (default {DEFAULT_STEPS})")
-    g.add_argument("--spacing", choices=["leading", "trailing", "linspace"], help=f"default {DEFAULT_SPACING}")
-    g.add_argument("--solver", choices=sorted(SOLVERS), help="default bdia")
-    g.add_argument("--gamma", type=float, help="BDIA's gamma in [0, 1] (default 1: exactly invertible)")
-    g.add_argument("--p", type=float, help="EDICT's mixing weight in (0, 1] (default 0.93)")
+    g = p.add_argument_group("grid and solver (default: what the input run used, every setting of it)")
+    g.add_argument("--steps", type=_positive, help=f"grid steps (else {DEFAULT_STEPS})")
+    g.add_argument("--spacing", choices=SPACINGS, help=f"else {DEFAULT_SPACING}")
+    g.add_argument("--solver", choices=sorted(SOLVERS), help="else bdia")
+    g.add_argument(
+        "--gamma", type=_finite, help="BDIA's gamma in [0, 1] (the input run's for the same solver, else 1: exact)"
+    )
+    g.add_argument("--p", type=_finite, help="EDICT's mixing weight in (0, 1] (the input run's, else 0.93)")
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, required=True, help="the run folder (shards and manifest.json)")
     g.add_argument(
@@ -189,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
         help="how many samples (fresh sampling); under torchrun write -n or --num-samples: torchrun takes --num "
         "for an abbreviation of its own --numa-binding",
     )
-    g.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    g.add_argument("--seed", type=_nonnegative, default=0, help="noise seed, an int >= 0 (default 0)")
     g.add_argument("--shape", type=_shape, help="one sample's latent shape for a module:attribute model, e.g. 4,64,64")
     g.add_argument("--input", type=Path, help="a run folder of `bdia invert` whose pairs are continued")
     _common(s, "sample")
@@ -222,30 +270,85 @@ class _Setup:
     choice: ModelChoice
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# what a manifest's description may hold (it is data from disk: each value is checked before it is used)
+_DESCRIPTION: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "model": ("a model name", lambda v: isinstance(v, str)),
+    "guidance": ("a finite number", _number),
+    "solver": (f"one of {sorted(SOLVERS)}", lambda v: v in SOLVERS),
+    "gamma": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+    "p": ("a number in (0, 1]", lambda v: _number(v) and 0 < v <= 1),
+    "steps": ("an int >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "spacing": (f"one of {list(SPACINGS)}", lambda v: v in SPACINGS),
+}
+
+
+def _described(stored: dict[str, Any] | None, folder: Path | None) -> dict[str, Any]:
+    """The settings an input run was made with (its manifest's description), each checked; None: not recorded."""
+    if stored is None:
+        return dict.fromkeys(_DESCRIPTION)
+    before = stored["description"]
+    for key, (expected, ok) in _DESCRIPTION.items():
+        if before.get(key) is not None and not ok(before[key]):
+            raise bdia.batch.DatasetError(
+                f"{folder / bdia.batch.MANIFEST}: description.{key} is {before[key]!r}, expected {expected}"
+            )
+    return {k: before.get(k) for k in _DESCRIPTION}
+
+
 def _setup(a: argparse.Namespace, stored: dict[str, Any] | None) -> _Setup:
-    """Arguments, completed from the input run's manifest (``stored``), to the objects of a run."""
-    before = stored.get("description", {}) if stored else {}
-    spec = a.model or before.get("model") or "digits"
-    guidance = a.guidance if a.guidance is not None else before.get("guidance")
-    solver_name = a.solver or before.get("solver") or "bdia"
-    if a.solver is None and before.get("solver") == solver_name:
-        a.gamma = before.get("gamma") if a.gamma is None else a.gamma
-        a.p = before.get("p") if a.p is None else a.p
-    if a.gamma is not None and solver_name != "bdia":
-        raise _Usage(f"--gamma applies to --solver bdia only, not {solver_name}")
-    if a.p is not None and solver_name != "edict":
-        raise _Usage(f"--p applies to --solver edict only, not {solver_name}")
+    """Arguments, completed from the input run's manifest (``stored``), to the objects of a run: whatever the
+    command line does not set is what the input run used (its model name, guidance, dtype, grid, solver and
+    the solver's parameter), never a default."""
+    before = _described(stored, a.input)
+    spec = a.model
+    if spec is None and stored is not None:
+        spec = before["model"]
+        if spec is None:
+            raise _Usage(f"--model is needed: {a.input / bdia.batch.MANIFEST} does not name the run's model")
+        if spec not in MODELS:
+            # a run folder is data: what its manifest names is never imported (it may come from anywhere)
+            raise _Usage(
+                f"--model is needed: the input run was made with --model {spec}, and a module:attribute written in a "
+                f"run folder is not imported; pass --model {spec} to import it yourself"
+            )
+    spec = spec or "digits"
+    guidance = a.guidance if a.guidance is not None else before["guidance"]
+    solver_name = a.solver or before["solver"] or "bdia"
+    option, make = SOLVERS[solver_name]
+    given = {"--gamma": a.gamma, "--p": a.p}
+    for name, value in given.items():
+        if value is not None and name != option:
+            raise _Usage(
+                f"{name} applies to --solver {'bdia' if name == '--gamma' else 'edict'} only, not {solver_name}"
+            )
+    parameter = given.get(option) if option else None
+    if option and parameter is None and solver_name == before["solver"]:  # the same solver: its parameter too
+        parameter = before[option.removeprefix("--")]
     choice = MODELS.get(spec) or _user_model(spec)
     dtype = getattr(torch, a.dtype or (stored or {}).get("dtype") or "float32")
     device = a.device
-    model = choice.build(device, dtype, guidance)
+    try:
+        model = choice.build(device, dtype, guidance)
+    except _Usage:
+        raise
+    except Exception as e:  # the factory's own failure, reported as what it is, without a traceback
+        raise _Usage(f"--model {spec}: building the model failed ({type(e).__name__}: {e})") from e
     if not callable(model) or not isinstance(getattr(model, "schedule", None), bdia.schedules.Schedule):
         raise _Usage(f"--model {spec} gave {type(model).__name__}, not a denoiser (callable, with a .schedule)")
+    steps, spacing = a.steps or before["steps"], a.spacing or before["spacing"]
     if stored is not None and a.steps is None and a.spacing is None:
         ts = torch.tensor(stored["grid"], dtype=torch.float64)  # the input's grid, to the bit
     else:
-        ts = _grid(model.schedule, a.steps or DEFAULT_STEPS, a.spacing)
-    solver = SOLVERS[solver_name](a)
+        steps = steps or DEFAULT_STEPS
+        ts, spacing = _grid(model.schedule, steps, spacing, explicit=a.spacing is not None)
+    try:
+        solver = make(parameter)
+    except (TypeError, ValueError) as e:
+        raise _Usage(f"{option} {parameter:g}: {e}") from e
     conditions = {}
     if a.cls is not None:
         if choice.classes is not None and a.cls not in choice.classes:
@@ -257,27 +360,51 @@ def _setup(a: argparse.Namespace, stored: dict[str, Any] | None) -> _Setup:
         "solver": solver_name,
         "gamma": solver.gamma.constant if solver_name == "bdia" else None,
         "p": getattr(solver, "p", None),
+        "steps": steps,
+        "spacing": spacing,
     }
     return _Setup(model, ts, solver, dtype, device, conditions, description, choice)
 
 
 def _device(text: str) -> torch.device:
-    """``--device``: auto, cpu, cuda (this process's GPU: cuda:LOCAL_RANK) or cuda:N."""
+    """``--device``: auto, cpu, cuda (this process's GPU: cuda:LOCAL_RANK), cuda:N, or mps where it is there."""
     try:
         device = bdia.batch.default_device() if text == "auto" else torch.device(text)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise _Usage(f"--device {text}: {e}") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _Usage(f"--device {text}: this torch sees no CUDA device (use cpu or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise _Usage(f"--device {text}: this torch sees no MPS device (use cpu or auto)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise _Usage(f"--device {text}: expected auto, cpu, cuda, cuda:N or mps (a device that holds data)")
     return bdia.batch.default_device() if device.type == "cuda" and device.index is None else device
 
 
-def _grid(schedule: Any, steps: int, spacing: str | None) -> torch.Tensor:
-    if "spacing" in inspect.signature(schedule.timesteps).parameters:
-        return schedule.timesteps(steps, spacing=spacing or DEFAULT_SPACING)
-    if spacing is not None:
-        raise _Usage(f"--spacing does not apply to {schedule!r}, whose timesteps(n) has no spacing")
-    return schedule.timesteps(steps)
+def _grid(schedule: Any, steps: int, spacing: str | None, explicit: bool) -> tuple[torch.Tensor, str | None]:
+    """The grid of ``--steps`` and ``--spacing`` (an inherited spacing is dropped for a schedule without one)."""
+    if "spacing" not in inspect.signature(schedule.timesteps).parameters:
+        if explicit:
+            raise _Usage(f"--spacing does not apply to {schedule!r}, whose timesteps(n) has no spacing")
+        spacing, kw = None, {}
+    else:
+        spacing = spacing or DEFAULT_SPACING
+        kw = {"spacing": spacing}
+    try:
+        return schedule.timesteps(steps, **kw), spacing
+    except (TypeError, ValueError) as e:
+        raise _Usage(f"--steps {steps}: {e}") from e
+
+
+def _writable(path: Path, option: str) -> None:
+    """``path`` can be written as a file (checked before the run, not after it)."""
+    folder = path.parent
+    if path.is_dir():
+        raise _Usage(f"{option} {path} is a folder; expected a file to write")
+    if not folder.is_dir():
+        raise _Usage(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise _Usage(f"{option} {path} cannot be written (permission denied)")
 
 
 def _sample(a: argparse.Namespace) -> bdia.batch.Summary:
@@ -335,6 +462,8 @@ def _invert(a: argparse.Namespace) -> bdia.batch.Summary:
 
 
 def _report(command: str, s: bdia.batch.Summary) -> str:
+    if s.computed == 0:
+        return f"{command}: nothing to do: all {s.shards} shards of {s.out} were there already (verified)"
     return (
         f"{command}: {s.samples} samples in {s.computed} shards -> {s.out} ({s.skipped} of {s.shards} shards were "
         f"there already); {s.world_size} process(es), {s.seconds:.2f} s, {s.samples_per_s:.1f} samples/s; "
@@ -343,7 +472,8 @@ def _report(command: str, s: bdia.batch.Summary) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 done, 1 a run folder that cannot be used, 2 usage)."""
+    """Run the command line; returns the exit status (0 done; 1 a run folder that cannot be used, or a file that
+    cannot be written, e.g. a full disk; 2 a usage error, naming the option)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "demo":
         from bdia.digits import demo
@@ -362,7 +492,12 @@ def main(argv: list[str] | None = None) -> int:
         print("bdia: error: a command is required (sample, invert, demo)", file=sys.stderr)
         return 2
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
+        if a.out.exists() and not a.out.is_dir():
+            raise _Usage(f"--out {a.out} is an existing file; expected a run folder (a new one, or one to resume)")
+        if a.stats is not None and rank0:
+            _writable(a.stats, "--stats")
         if a.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
             torch.use_deterministic_algorithms(True)
@@ -370,21 +505,29 @@ def main(argv: list[str] | None = None) -> int:
         if a.threads is not None or a.device.type == "cpu":
             torch.set_num_threads(a.threads or 1)
         summary = a.run(a)
+        if rank0:
+            print(_report(a.command, summary), flush=True)
+            if a.stats is not None:
+                a.stats.write_text(json.dumps({"command": a.command, **summary.as_dict()}, indent=1) + "\n")
     except _Usage as e:
         print(f"bdia {a.command}: error: {e}", file=sys.stderr)
         return 2
-    except bdia.batch.DatasetError as e:
+    except (bdia.batch.DatasetError, OSError) as e:  # a folder that cannot be used, a disk that is full
         print(f"bdia {a.command}: error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError) as e:  # the library refused the settings (before any network call)
+        print(f"bdia {a.command}: error: the settings were refused: {e}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(_report(a.command, summary), flush=True)
-        if a.stats is not None:
-            a.stats.write_text(json.dumps({"command": a.command, **summary.as_dict()}, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
+    # python -m put the current folder first on the import path; bdia is imported by now, and nothing it imports
+    # later (safetensors, ...) may come from there: a folder holding a run is data (--model finds the current
+    # folder's modules itself, see _import)
+    if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
     sys.exit(main())

@@ -167,6 +167,8 @@ class Model:
         super().__init_subclass__(**kw)
         if "__call__" in cls.__dict__ and "predict" not in cls.__dict__:
             cls.plannable = False  # its own __call__ does more: a walk must call it as a denoiser
+        if "predict" in cls.__dict__ and "output" not in cls.__dict__:
+            cls.output = None  # type: ignore[assignment]  # its predict does more than wrap the output
 
     def __init__(
         self,
@@ -208,6 +210,11 @@ class Model:
 
     def predict(self, x: torch.Tensor, ready: Prepared, **kwargs: Any) -> Prediction:
         """The network's prediction at ``x``, with what ``prepare`` made for its time."""
+        return Prediction.affine(x, Model.output(self, x, ready, kwargs), ready.m)
+
+    def output(self, x: torch.Tensor, ready: Prepared, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The network's checked output at ``x`` (``predict`` without the ``Prediction``: what a plan's gamma = 1
+        step combines directly)."""
         if ready.times._version != ready.version:  # the network edited its time tensor in place: build a fresh one
             ready = self.prepare(ready.t, x)
         out = self.net(x, ready.times, **kwargs)
@@ -216,7 +223,7 @@ class Model:
             raise ValueError(f"net output must be a tensor shaped like x {tuple(x.shape)}, got {got}")
         if out.dtype != x.dtype:
             raise TypeError(f"net output dtype {out.dtype} differs from the state's {x.dtype}")
-        return Prediction.affine(x, out, ready.m)
+        return out
 
     def __repr__(self) -> str:
         return f"Model({getattr(self.net, '__name__', type(self.net).__name__)}, {self.schedule}, {self.prediction!r})"

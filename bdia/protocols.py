@@ -15,8 +15,8 @@ it makes; see ``bdia.solvers.identity``) and ``plan(model, walk, forward, like)`
 
 A *plan* runs one walk: ``walk`` (its grid in walk order), ``amplification`` (of this walk), ``init(model, x, kw)``
 (the first step from a lone latent at ``walk[0]``) and ``step(model, state, j, kw, into=None)`` (from ``walk[j - 1]``
-to ``walk[j]``, either direction; ``into``: a tensor the walk owns and no longer needs, which the step may write
-its result into).
+to ``walk[j]``, either direction; ``into``: ``None``, or two tensors the walk owns, ``(scratch, dead)``, a scratch
+tensor and the latent the step drops, which the step may write its intermediate and its result into).
 """
 
 from __future__ import annotations
@@ -70,6 +70,6 @@ class Stepping:
     def init(self, model: Any, x: torch.Tensor, kw: dict[str, Any]) -> State:
         return self.solver.init(model, x, self.walk[0], self.walk[1], **kw)
 
-    def step(self, model: Any, state: State, j: int, kw: dict[str, Any], into: torch.Tensor | None = None) -> State:
+    def step(self, model: Any, state: State, j: int, kw: dict[str, Any], into: tuple | None = None) -> State:
         move = self.solver.step if self.forward else self.solver.unstep
         return move(model, state, self.walk[j], **kw)

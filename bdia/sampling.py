@@ -204,6 +204,7 @@ def _run(w: _Walk) -> State:
         # latents only: there a fresh tensor is a fresh memory mapping; smaller ones come from the allocator's cache)
         reuse = recorder is None and not w.grad and state.x.numel() * state.x.element_size() >= _REUSE_BYTES
         owned_prev, owned_x = False, k == 1 and not isinstance(w.x, State)
+        scratch = None
         # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
         bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if w.progress else None
         with bar or contextlib.nullcontext():
@@ -213,8 +214,10 @@ def _run(w: _Walk) -> State:
                 if recorder is not None:
                     recorder.first = None
                 into = None
-                if reuse:
-                    into = (state.x_prev if owned_prev else None) if forward else (state.x if owned_x else None)
+                if reuse and (owned_prev if forward else owned_x):
+                    if scratch is None:
+                        scratch = torch.empty_like(state.x)
+                    into = (scratch, state.x_prev if forward else state.x)
                 state = plan.step(model, state, j, kw, into)
                 owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
                 reached = j
@@ -230,7 +233,8 @@ def _run(w: _Walk) -> State:
             _run(w._replace(grad=False, progress=False, callback=None, every_step=True))
         if j is not None:
             raise check.error(j, state)
-    return stamp(_facing(state, forward), walk[: reached + 1], w.solver)
+    before = w.x.grid if isinstance(w.x, State) else None
+    return stamp(_facing(state, forward), walk[: reached + 1], w.solver, before=before)
 
 
 _REUSE_BYTES = 1 << 22
@@ -331,11 +335,19 @@ def locate(state: State, walk: list[float], solver: object | None = None, *, nam
     return s, k
 
 
-def stamp(state: State, walked: list[float], solver: object) -> State:
-    """``state`` (as a walk reports it) with its provenance: the times walked merged into ``state.grid``, and
-    ``state.solver`` the solver's identity (``bdia.solvers.identity``; None for a one-step integrator)."""
-    times = {*walked, state.t, state.t_prev, *(state.grid or ())}
-    return state.replace(grid=tuple(sorted(times, reverse=True)), solver=getattr(solver, "identity", None))
+def stamp(state: State, walked: list[float], solver: object, *, before: tuple[float, ...] | None = None) -> State:
+    """``state`` (as a walk reports it) with its provenance: the times walked merged into ``state.grid`` (and into
+    ``before``, the grid of the state the walk started from), and ``state.solver`` the solver's identity
+    (``bdia.solvers.identity``; None for a one-step integrator)."""
+    identity = getattr(solver, "identity", None)
+    ordered = walked if len(walked) < 2 or walked[0] > walked[1] else walked[::-1]  # noisiest first
+    if state.grid is None and before is None and state.t in ordered and state.t_prev in ordered:
+        grid = tuple(ordered)  # (a walk from a lone latent: nothing to merge)
+    else:
+        grid = tuple(sorted({*walked, state.t, state.t_prev, *(state.grid or ()), *(before or ())}, reverse=True))
+    if type(state) is State:
+        return State(state.x_prev, state.x, state.t_prev, state.t, state.coupled, grid, identity)
+    return state.replace(grid=grid, solver=identity)
 
 
 def _show(times: list[float]) -> str:
@@ -474,7 +486,11 @@ def _sum_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _facing(state: State, forward: bool) -> State:
     """A state as the walk reports it: ``x`` is the latent the walk ended on (``flipped`` leaves coupled copies)."""
-    return state if forward else state.flipped()
+    if forward or state.coupled:
+        return state
+    if type(state) is State:  # (the dataclass machinery of flipped costs as much as a step's Python)
+        return State(state.x, state.x_prev, state.t, state.t_prev, False, state.grid, state.solver)
+    return state.flipped()
 
 
 def _stops(result: Any) -> bool:

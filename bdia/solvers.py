@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from bdia._linalg import Coef, factored, factored2, lincomb
+from bdia._linalg import Coef, factored, lincomb
 from bdia.gamma import BoundedOBELM, Gamma, GammaFn, as_gamma, obelm_gamma
 from bdia.integrators import DDIM, DDIMInverse, DPMSolver2, Euler, Heun, Integrator, ScaledHeun
 from bdia.models import Denoiser, Prediction, fold
@@ -226,9 +226,11 @@ class BDIA:
 class _Plan:
     """One BDIA walk prepared: for step ``j`` (from ``walk[j - 1]`` to ``walk[j]``, ``j >= 2``) its gamma, the
     evaluation time and F's coefficients; on a ``Model`` (``prepare``) the network's time tensor and the
-    coefficients on ``(x, network output)``. Immutable: one plan serves many walks and threads."""
+    coefficients on ``(x, network output)``, with the way ``bdia._linalg.factored2`` splits them, so that a gamma = 1
+    step is the network call and two ``torch.add``. The first step from a lone latent (``init``) likewise. Immutable:
+    one plan serves many walks and threads."""
 
-    __slots__ = ("amplification", "forward", "solver", "steps", "walk")
+    __slots__ = ("amplification", "first", "forward", "solver", "steps", "walk")
 
     def __init__(self, solver: BDIA, model: Denoiser, walk: list[float], forward: bool, like: torch.Tensor):
         schedule = model.schedule
@@ -239,35 +241,74 @@ class _Plan:
             g = solver.gamma.at(schedule, t_prev, t, t_next, like)
             A, B, C = solver.coefficients(schedule, t_prev, t, t_next, g)
             ready = None if prepare is None else prepare(t, like)
-            if ready is not None and ready.m is not None:
+            lead = None
+            if ready is not None and type(g) is float and g == 1.0:
                 # the numbers Prediction.factored computes for a Model's prediction (x, output, matrix)
                 cu, cv = fold(B, C, ready.m)
-                steps.append((g, t, ready, A + cu, cv, None))
-            else:
-                steps.append((g, t, None, A, B, C))
+                lead = _split(A + cu, cv, like.dtype)
+            steps.append((g, t, ready, A, B, C, lead))
+        # a lone latent's first step, the integrator's, on a Model's output where it is its coefficients applied to
+        # the prediction at its start (not at clean data, where the model is asked for the noise elsewhere)
+        self.first = None
+        integrator, t0, t1 = solver.integrator, walk[0], walk[1]
+        if prepare is not None and type(integrator).__call__ is Integrator.__call__ and schedule.at(t0).sigma > 0:
+            ready = prepare(t0, like)
+            A, B, C = integrator.coefficients(schedule, t0, t1)
+            cu, cv = fold(B, C, ready.m)
+            self.first = (ready, _split(A + cu, cv, like.dtype))
         self.solver, self.walk, self.forward, self.steps = solver, walk, forward, steps
         times = walk if forward else walk[::-1]
         self.amplification = solver.amplification(schedule, times, forward)
 
     def init(self, model: Denoiser, x: torch.Tensor, kw: dict[str, Any]) -> State:
-        return self.solver.init(model, x, self.walk[0], self.walk[1], **kw)
+        output = getattr(model, "output", None)
+        if self.first is None or self.first[1] is None or output is None or x.requires_grad:
+            return self.solver.init(model, x, self.walk[0], self.walk[1], **kw)
+        ready, (s, r, out_leads) = self.first
+        out = output(x, ready, kw)
+        T = torch.add(out, x, alpha=r) if out_leads else torch.add(x, out, alpha=r)
+        return State(x, T if s == 1.0 else T.mul_(s), self.walk[0], self.walk[1])
 
-    def step(
-        self, model: Denoiser, state: State, j: int, kw: dict[str, Any], into: torch.Tensor | None = None
-    ) -> State:
+    def step(self, model: Denoiser, state: State, j: int, kw: dict[str, Any], into: tuple | None = None) -> State:
         entry = self.steps[j]
         if entry is None:  # (the first step: a lone latent's was init; a given pair's continues here)
             move = self.solver.step if self.forward else self.solver.unstep
             return move(model, state, self.walk[j], **kw)
-        g, t, ready, a, b, c = entry
-        x = _pair(state, self.solver).x if self.forward else state.x_prev
-        if ready is not None:
-            F = _Drift(g, *factored2(a, x, b, model.predict(x, ready, **kw).v))
-        else:
+        g, t, ready, a, b, c, lead = entry
+        forward = self.forward
+        x = _pair(state, self.solver).x if forward else state.x_prev
+        if ready is None:
             F = _Drift(g, *model(x, t, **kw).factored(a, x, b, c))
-        if self.forward:
-            return State(x, F.forward(state.x_prev, into), t, self.walk[j])
-        return State(F.inverse(state.x, into), x, self.walk[j], t)
+        else:
+            output = getattr(model, "output", None)  # (None where a Model subclass processes its prediction)
+            if lead is not None and output is not None and not x.requires_grad:
+                # gamma = 1 on a Model: the network, then two passes over memory (into: a scratch tensor and the
+                # dropped latent, which the walk owns)
+                out = output(x, ready, kw)
+                s, r, out_leads = lead
+                scratch, dead = (None, None) if into is None else into
+                T = torch.add(out, x, alpha=r, out=scratch) if out_leads else torch.add(x, out, alpha=r, out=scratch)
+                result = T if dead is None else dead
+                if forward:
+                    return State(x, torch.add(state.x_prev, T, alpha=s, out=result), t, self.walk[j])
+                return State(torch.add(state.x, T, alpha=-s, out=result), x, self.walk[j], t)
+            F = _Drift(g, *model.predict(x, ready, **kw).factored(a, x, b, c))
+        dead = None if into is None else into[1]
+        if forward:
+            return State(x, F.forward(state.x_prev, dead), t, self.walk[j])
+        return State(F.inverse(state.x, dead), x, self.walk[j], t)
+
+
+def _split(a: float, b: float, dtype: torch.dtype) -> tuple[float, float, bool] | None:
+    """How ``bdia._linalg.factored2`` writes ``a x + b out`` as ``s T``: ``(s, r, out_leads)`` with ``T = out + r x``
+    (``out_leads``) or ``x + r out``; ``None`` where it does not factor (half precision, a zero or NaN)."""
+    if dtype in (torch.float16, torch.bfloat16) or a != a or b != b:
+        return None
+    if abs(b) > abs(a):
+        return b, a / b, True
+    if a != 0:
+        return a, b / a, False
+    return None
 
 
 def _check_integrator(v: object, name: str) -> None:
@@ -480,6 +521,11 @@ class EDICT:
         """``(A, B)`` with ``Phi_e(z; t -> s) = A z + B e`` for a noise prediction ``e``: the integrator's
         coefficients with ``x0 = (z - sigma_t e) / alpha_t`` substituted."""
         k = schedule.at(t)
+        if k.alpha == 0:
+            raise ValueError(
+                f"EDICT steps from t = {t}, where alpha = 0 (pure noise): its update takes x0 from the noise "
+                "prediction, which pure noise does not determine; start the grid below the schedule's end"
+            )
         a, b, c = self.integrator.coefficients(schedule, t, s)
         return a + b / k.alpha, c - b * k.sigma / k.alpha
 

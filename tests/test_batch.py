@@ -114,7 +114,7 @@ def test_one_process_and_two_give_the_same_files(tmp_path):
     one, two = _shard_tensors(tmp_path / "one"), _shard_tensors(tmp_path / "two")
     assert len(one) == 4 and one.keys() == two.keys()
     for name in one:
-        assert one[name].keys() == two[name].keys() == {"x", "x_prev", "index", "cond.labels"}
+        assert one[name].keys() == two[name].keys() == {"state.x", "state.x_prev", "index", "cond.labels"}
         assert all(torch.equal(one[name][k], two[name][k]) for k in one[name])
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     data = batch.load_dataset(tmp_path / "two")
@@ -407,7 +407,8 @@ def test_shard_files_are_named_by_their_content_only(tmp_path):
     ts = model.schedule.timesteps(3, "trailing")
     batch.sample_dataset(model, ts, BDIA(DDIM(), 1.0), tmp_path, num=5, shape=(16,), shard_size=2, device="cpu")
     shard = batch.load_shard(tmp_path / batch.shard_name(2))
-    assert shard.meta == {"shard": 2, "start": 4, "stop": 5, "t_prev": ts[-2].item(), "t": 0.0, "coupled": False}
+    assert shard.meta == {"run": batch.read_manifest(tmp_path)["run"], "shard": 2, "start": 4, "stop": 5}
+    assert (shard.state.t_prev, shard.state.t, shard.state.coupled) == (ts[-2].item(), 0.0, False)
     assert torch.equal(shard.index, torch.tensor([4]))
     digest = hashlib.sha256((tmp_path / batch.shard_name(2)).read_bytes()).hexdigest()
     batch.sample_dataset(model, ts, BDIA(DDIM(), 1.0), tmp_path / "b", num=5, shape=(16,), shard_size=2, device="cpu")

@@ -273,3 +273,61 @@ def test_write_png_without_matplotlib(tmp_path):
     n = int.from_bytes(data[33:37], "big")
     raw = zlib.decompress(data[41 : 41 + n])
     assert len(raw) == 3 * 5 and raw[1] == 255 and raw[-1] == 0
+
+
+def test_labels_outside_the_classes_are_refused_by_name(heldout):
+    """Class 11 or -1 is not a digit: a clear error naming labels and the range (before: IndexError from the
+    embedding); a bool tensor is not a class either."""
+    x, _ = heldout
+    model = digits.model()
+    for bad in (11, -1):
+        labels = torch.tensor([3, bad, 10])
+        with pytest.raises(ValueError, match=rf"labels must be classes 0..10 \(10: unconditional\), got {bad}"):
+            model(x[:3], 500.0, labels=labels)
+        with pytest.raises(ValueError, match=rf"got {bad}"):
+            digits.model(guidance=2.0)(x[:3], 500.0, labels=labels)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model(x[:2], 500.0, labels=torch.tensor([True, False]))
+    model(x[:3], 500.0, labels=torch.tensor([0, 9, 10]))  # the range's ends
+
+
+def _contains(page: torch.Tensor, pattern: torch.Tensor) -> bool:
+    """Whether the binary ``pattern`` appears, pixel for pixel, somewhere in the binary ``page``."""
+    rows = [bytes(r) for r in page.to(torch.uint8).tolist()]
+    want = [bytes(r) for r in pattern.to(torch.uint8).tolist()]
+    h, w = len(want), len(want[0])
+    for top in range(len(rows) - h + 1):
+        left = rows[top].find(want[0])
+        while left >= 0:
+            if all(rows[top + i][left : left + w] == want[i] for i in range(1, h)):
+                return True
+            left = rows[top].find(want[0], left + 1)
+    return False
+
+
+def test_demo_figure_without_matplotlib_is_captioned(tmp_path, monkeypatch, capsys):
+    """Without matplotlib (it is only in the test extra) the figure still names its rows (methods, errors), its
+    columns and the classes (before: digits only, and a line on stdout saying there were no captions)."""
+    from bdia import batch
+    from bdia.digits import caption, demo
+
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    out = tmp_path / "edit.png"
+    assert demo.main(["--count", "3", "--steps", "4", "--out", str(out)]) == 0
+    assert "no captions" not in capsys.readouterr().out
+    page = (1 - batch.read_png(out, torch.float64)[0]) / 2  # ink: 1 = black
+    assert page.shape[1] > page.shape[0] > 100
+    binary = (page > 0.99).double()  # the captions are pure black on white
+    for words in (*demo.digits_methods(), "max err", "original (class above each)", "edit (new class)", "x 4"):
+        assert _contains(binary, caption.text(words, 2)), words
+    assert not _contains(binary, caption.text("EDICT P=0.94", 2))  # the search can fail
+
+
+def test_caption_font_refuses_what_it_cannot_draw():
+    from bdia.digits import caption
+
+    assert caption.text("ab", 3).shape == (21, 33) and caption.text("", 1).shape == (7, 0)
+    with pytest.raises(ValueError, match=r"characters the caption font lacks: \['\?'\]"):
+        caption.text("why?")
+    with pytest.raises(ValueError, match="scale must be an int >= 1"):
+        caption.text("a", 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -28,10 +29,23 @@ def trained(tmp_path_factory):
     """Both scripts in smoke mode, the diffusion model twice (into two folders) to check reproducibility."""
     a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
     digits, classifier = _script("train_digits"), _script("train_classifier")
-    digits.train(digits.parse(["--smoke", "--out", str(a)]))
-    digits.train(digits.parse(["--smoke", "--out", str(b)]))
-    classifier.train(classifier.parse(["--smoke", "--out", str(a)]))
+    with _torch_state_kept():
+        digits.train(digits.parse(["--smoke", "--out", str(a)]))
+        digits.train(digits.parse(["--smoke", "--out", str(b)]))
+        classifier.train(classifier.parse(["--smoke", "--out", str(a)]))
     return a, b
+
+
+@contextlib.contextmanager
+def _torch_state_kept():
+    """The scripts set process-wide torch state for their run (deterministic kernels, threads): restore it after,
+    so that no later test runs under it."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.set_num_threads(before[1])
 
 
 def test_smoke_training_writes_loadable_files(trained):
@@ -73,5 +87,5 @@ def test_classifier_refuses_a_different_split(trained, tmp_path):
     a, _ = trained
     clf = _script("train_classifier")
     (tmp_path / digits.HELDOUT_FILE).write_bytes((a / digits.HELDOUT_FILE).read_bytes())
-    with pytest.raises(RuntimeError, match="different held-out split"):
+    with _torch_state_kept(), pytest.raises(RuntimeError, match="different held-out split"):
         clf.train(clf.parse(["--smoke", "--out", str(tmp_path), "--split-seed", "1"]))

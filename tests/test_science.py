@@ -149,13 +149,19 @@ def test_edict_alternate_matches_the_official_loop(n):
     torch.testing.assert_close(out.x_prev, y, rtol=1e-12, atol=1e-12)
 
 
-def test_edict_alternate_inverts_data_as_the_official_code_for_even_n():
-    model, grid = _mixture(), SD.timesteps(10, "leading", steps_offset=1)
+@pytest.mark.parametrize("n,strength", [(10, None), (9, None), (50, 0.7), (20, 0.8)])
+def test_edict_alternate_inverts_data_as_the_official_code(n, strength):
+    """Whatever the number of steps inverted (odd ones too, also through strength, which the official code applies
+    by cutting its timesteps before counting them), each step is undone in the order the official code takes it."""
+    model, grid = _mixture(), SD.timesteps(n, "leading", steps_offset=1)
     data = model.sample(4, torch.Generator().manual_seed(5))
-    inv = bdia.invert(model, data, grid, EDICT(alternate=True))
-    x, y = official_edict_inverse(model, data, grid.tolist(), 0.93)
+    inv = bdia.invert(model, data, grid, EDICT(alternate=True), strength=strength)
+    walked = grid.tolist() if strength is None else grid.tolist()[n - int(n * strength) :]
+    x, y = official_edict_inverse(model, data, walked, 0.93)
     torch.testing.assert_close(inv.x, x, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(inv.x_prev, y, rtol=1e-11, atol=1e-11)
+    back = bdia.sample(model, inv, grid, EDICT(alternate=True), strength=strength)
+    assert relative_error(back.x, data) < 1e-12
 
 
 @pytest.mark.parametrize("n", [9, 20])

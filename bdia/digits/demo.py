@@ -23,6 +23,7 @@ import torch
 
 from bdia import digits
 from bdia.batch import write_png as write_image
+from bdia.digits import caption
 from bdia.models import CountNFE, GaussianMixture
 from bdia.report import format_table, relative_error
 from bdia.sampling import invert, sample
@@ -142,14 +143,16 @@ def write_png(path: Path, image: torch.Tensor) -> None:
 
 
 def save_figure(path: Path, result: dict, rows: list[dict], title: str) -> None:
-    """original | reconstruction | its error (amplified) | edit, one row per method; matplotlib when installed,
-    else a plain PNG without captions."""
+    """original | reconstruction | its error (amplified) | edit, one row per method, captioned: with matplotlib
+    when it is installed, else drawn with a built-in bitmap font (``bdia.digits.caption``)."""
     n, x = result["x"].shape[0], result["x"]
 
     def error_image(rec: torch.Tensor) -> torch.Tensor:  # |rec - x| * ERROR_GAIN as ink on [-1, 1]
         return ((rec - x).abs() * ERROR_GAIN).clamp(0, 1) * 2 - 1
 
     strips = {name: [x, rec, error_image(rec), edit] for name, (rec, edit) in result["panels"].items()}
+    labels = [result["labels"].tolist(), None, None, result["target"].tolist()]  # each column's classes
+    row_names = [(name, f"max err {row['max |rec - x|']:.1e}") for name, row in zip(strips, rows, strict=True)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -158,35 +161,69 @@ def save_figure(path: Path, result: dict, rows: list[dict], title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        scale = 8  # each digit pixel becomes scale x scale pixels
-        big = torch.cat([torch.cat([digits.grid(s, n) for s in row], dim=1) for row in strips.values()], dim=0)
-        write_png(path, big.repeat_interleave(scale, 0).repeat_interleave(scale, 1))
-        print(
-            f"(matplotlib not installed: {path} has no captions; rows {list(strips)}, columns original | "
-            f"reconstruction | its error x{ERROR_GAIN:g} | edit)"
-        )
+        write_png(path, bitmap_figure(strips, labels, row_names, title, n))
         return
-    cols = [
-        "original: " + " ".join(map(str, result["labels"].tolist())),
-        "reconstruction",
-        f"|reconstruction - original| x {ERROR_GAIN:g}",
-        "edit: " + " ".join(map(str, result["target"].tolist())),
-    ]
+    heads = [f"|{COLUMNS[1]} - {COLUMNS[0]}| x {ERROR_GAIN:g}" if j == 2 else c for j, c in enumerate(COLUMNS)]
+    cols = [h + (": " + " ".join(map(str, c)) if c else "") for h, c in zip(heads, labels, strict=True)]
     fig, axes = plt.subplots(len(strips), 4, figsize=(4 * 0.42 * n + 1.8, 0.62 * len(strips) + 0.9), squeeze=False)
-    for i, (name, row) in enumerate(zip(strips, rows, strict=True)):
+    for i, name in enumerate(strips):
         for j, images in enumerate(strips[name]):
             ax = axes[i, j]
             ax.imshow(digits.grid(images, n).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_title(cols[j], fontsize=8)
-        axes[i, 0].set_ylabel(
-            f"{name}\nmax err {row['max |rec - x|']:.1e}", rotation=0, ha="right", va="center", fontsize=8
-        )
+        axes[i, 0].set_ylabel("\n".join(row_names[i]), rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+COLUMNS = ("original", "reconstruction", "error", "edit")
+
+
+def bitmap_figure(
+    strips: dict[str, list[torch.Tensor]],
+    labels: list[list[int] | None],
+    row_names: list[tuple[str, str]],
+    title: str,
+    n: int,
+    scale: int = 6,
+    text_scale: int = 2,
+) -> torch.Tensor:
+    """The demo's figure as one ink image (1 = black), captioned with the bitmap font: the title, each column's
+    name with the class of every digit above it, and each row's method and error at its left."""
+    line, gap = caption.GLYPH_HEIGHT * text_scale, 3 * text_scale
+    cell = 9 * scale  # an 8-pixel digit and its 1-pixel frame, scaled
+    strip_h, strip_w = 10 * scale, (9 * n + 1) * scale
+    heads = [f"|{COLUMNS[1]} - {COLUMNS[0]}| x {ERROR_GAIN:g}" if j == 2 else c for j, c in enumerate(COLUMNS)]
+    heads = [h + (" (class above each)" if j == 0 else " (new class)" if j == 3 else "") for j, h in enumerate(heads)]
+    names = [[caption.text(t, text_scale) for t in pair] for pair in row_names]
+    head_inks = [caption.text(h, text_scale) for h in heads]
+    title_ink = caption.text(title, text_scale)
+    left = 2 * gap + max(t.shape[1] for pair in names for t in pair)
+    pitch = max(strip_w, *(t.shape[1] for t in head_inks)) + 4 * gap  # a column: its strip or its name, if wider
+    width = max(left + 4 * pitch, title_ink.shape[1] + 2 * gap)
+    head_y = 3 * gap + line  # the title, then a wider gap
+    class_y = head_y + line + gap
+    top = class_y + line + gap
+    page = caption.Canvas(top + len(strips) * (strip_h + 2 * gap), width)
+    page.put(title_ink, gap, gap)
+    for j, head in enumerate(head_inks):
+        x0 = left + j * pitch
+        page.put(head, head_y, x0)
+        for i, c in enumerate(labels[j] or []):  # centred over its digit
+            glyph = caption.text(str(c), text_scale)
+            page.put(glyph, class_y, x0 + scale + i * cell + (8 * scale - glyph.shape[1]) // 2)
+    for r, (name, row) in enumerate(zip(strips, names, strict=True)):
+        y0 = top + r * (strip_h + 2 * gap)
+        page.put(row[0], y0 + strip_h // 2 - line - gap // 2, gap)
+        page.put(row[1], y0 + strip_h // 2 + gap // 2, gap)
+        for j, images in enumerate(strips[name]):
+            big = digits.grid(images, n).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+            page.put(big, y0, left + j * pitch)
+    return page.ink
 
 
 def main(argv: list[str] | None = None) -> int:

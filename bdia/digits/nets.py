@@ -54,6 +54,8 @@ class _Block(nn.Module):
 class DigitsDenoiser(nn.Module):
     """``net(x, t, labels=None) -> output`` for ``bdia.models.Model``: x ``(B, 1, 8, 8)``, t ``(B,)`` in the
     schedule's native time (0..T-1), labels ``(B,)`` int64 in ``0..9`` or ``null_class`` (None: unconditional).
+    Labels outside that range are an error (checked here for labels on the CPU, where it costs no device sync; on
+    a GPU the embedding's own device-side check stops the call).
     """
 
     null_class = 10
@@ -80,12 +82,24 @@ class DigitsDenoiser(nn.Module):
             raise ValueError(f"x must have shape (batch, 1, 8, 8), got {tuple(x.shape)}")
         if labels is None:
             labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
-        elif not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-            # a float label would be truncated to a class silently
+        elif (
+            not isinstance(labels, torch.Tensor)
+            or labels.is_floating_point()
+            or labels.is_complex()
+            or labels.dtype == torch.bool
+        ):
+            # a float label would be truncated to a class silently, a bool one read as class 0 or 1
             got = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise TypeError(f"labels must be an integer tensor of classes 0..{self.null_class}, got {got}")
         elif labels.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},) (one per sample), got {tuple(labels.shape)}")
+        elif labels.device.type == "cpu":  # (free on the CPU; elsewhere it would sync, and the embedding checks)
+            outside = labels[(labels < 0) | (labels > self.null_class)]
+            if outside.numel():
+                raise ValueError(
+                    f"labels must be classes 0..{self.null_class} ({self.null_class}: unconditional), got "
+                    f"{outside[0].item()}"
+                )
         emb = self.time_mlp(timestep_embedding(t, self.emb_dim, self.time_scale).to(x.dtype))
         emb = F.silu(emb + self.label_emb(labels.to(device=x.device, dtype=torch.long)))
         h = self.conv_in(x)
