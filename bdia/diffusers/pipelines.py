@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 import bdia
 from bdia import State
@@ -691,8 +692,6 @@ def _walk(
         latents = x.x
     elif x is None:
         h, w = family.default_size(pipe, height, width)
-        from diffusers.utils.torch_utils import randn_tensor
-
         shape = family.noise_shape(pipe, prompts * num_images_per_prompt, h, w)
         start = latents = family.pack(pipe, randn_tensor(shape, generator=generator, device=device, dtype=dtype))
     elif isinstance(x, torch.Tensor) and (forward or family.is_latent(pipe, x)):

@@ -372,7 +372,7 @@ class _DiscreteBDIAScheduler(_BDIASchedulerBase):
         """As diffusers' ``from_config``, for the config of a DDIM-like scheduler only (betas over discrete
         timesteps: DDIM, DDPM, PNDM, Euler, DPM-Solver, ...); ``kwargs`` override it (``gamma=...``)."""
         given = _refuse_foreign(
-            cls, config, _DDIM_LIKE, _ddim_like_keys(), "a DDIM-like scheduler (betas over discrete timesteps"
+            cls, config, _DDIM_LIKE, _ddim_like_keys(), "a DDIM-like scheduler, betas over discrete timesteps"
         )
         merged = {**given, **kwargs}
         for key, plain in _OTHER_GRIDS.items():
@@ -553,7 +553,7 @@ class BDIAFlowMatchScheduler(_BDIASchedulerBase):
             config,
             _FLOW_LIKE,
             _flow_keys() | {"gamma"},
-            "a flow-matching scheduler (FlowMatchEulerDiscreteScheduler's keys",
+            "a flow-matching scheduler, FlowMatchEulerDiscreteScheduler's keys",
         )
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
