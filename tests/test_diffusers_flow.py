@@ -264,3 +264,31 @@ def test_the_flow_scheduler_inside_a_wan_video_pipeline():
     z = inverted(torch.float32)
     e = max(rel(z, inverted(torch.float64)), n * EPS32)
     assert rel(z, x) < 4 * e
+
+
+@pytest.mark.parametrize("cls", [BDIAFlowMatchScheduler, "BDIAScheduler"])
+def test_a_pipeline_loop_reads_no_value_back_to_the_host(monkeypatch, cls):
+    """A pipeline loops ``for t in scheduler.timesteps`` and passes each ``t`` to ``step``: the scheduler locates
+    it by where it lies in ``timesteps`` (it is a view into it), never by reading its value, so a loop on an
+    accelerator does not wait on the device at every step (checked here by making any read of a tensor's value
+    fail). A timestep given as another tensor is still found by value."""
+    from bdia.diffusers import BDIAScheduler
+
+    sched = BDIAScheduler(gamma=1.0) if cls == "BDIAScheduler" else cls(shift=3.0, gamma=1.0)
+    x, out = noise(0), noise(1)
+    sched.set_timesteps(6)
+    reference = x
+    for t in sched.timesteps.tolist():  # by value: python numbers
+        reference = sched.step(out, torch.tensor(t, dtype=sched.timesteps.dtype), reference).prev_sample
+    sched.set_timesteps(6)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a tensor's value was read back to the host during the loop")
+
+    y = x
+    with monkeypatch.context() as m:
+        for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+            m.setattr(torch.Tensor, name, no_read)
+        for t in sched.timesteps:
+            y = sched.step(out, t, y).prev_sample
+    assert torch.equal(y, reference)

@@ -153,7 +153,7 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
             self._state, self._given = oriented, (oriented.x if self.forward else oriented.x_prev)
             self._history, self._origin = state.grid, start
         visible = list(range(start, steps)) if self.forward else list(range(start, 0, -1))
-        self._position = {i: p for p, i in enumerate(visible)}
+        self._visible, self._position = visible, {i: p for p, i in enumerate(visible)}
         self.timesteps = torch.tensor([self._ticks[i] for i in visible], dtype=self._tick_dtype, device=device)
 
     # ------------------------------------------------------------------------------------ what pipelines call
@@ -210,7 +210,10 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
         """The grid index of a timestep a pipeline passes."""
         if self._grid is None:
             raise ValueError(f"{type(self).__name__}: call set_timesteps before step")
-        tick = float(timestep)
+        at = self._element_of_timesteps(timestep)
+        if at is not None:
+            return self._visible[at]
+        tick = float(timestep)  # (a host sync for a tensor on an accelerator)
         i = self._where.get(tick)
         if i is None:
             shown = [t for t in self._ticks if t is not None]
@@ -219,6 +222,18 @@ class _BDIASchedulerBase(SchedulerMixin, ConfigMixin):
                 f"({', '.join(f'{v:g}' for v in shown[:3])}, ..., {shown[-1]:g})"
             )
         return i
+
+    def _element_of_timesteps(self, timestep: Any) -> int | None:
+        """The position in ``timesteps`` of a timestep that is one of its elements (a pipeline loops ``for t in
+        scheduler.timesteps``: each ``t`` is a view into that tensor), read from where it lies in memory, so that a
+        step on an accelerator never waits to read the value back; None for any other timestep."""
+        ts = self.timesteps
+        if not isinstance(timestep, torch.Tensor) or timestep.dim() != 0 or timestep.device != ts.device:
+            return None
+        if timestep.dtype != ts.dtype or timestep.untyped_storage().data_ptr() != ts.untyped_storage().data_ptr():
+            return None
+        at = timestep.storage_offset() - ts.storage_offset()
+        return at if 0 <= at < ts.numel() and ts.stride(0) == 1 else None
 
     def _advance(
         self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor
