@@ -1,4 +1,4 @@
-"""The diffusers integration's speed: ``BDIAScheduler.step`` against ``DDIMScheduler.step``, and end to end.
+"""The diffusers integration: exactness and speed through every covered pipeline family, and the schedulers' step.
 
 1. Per step: each scheduler walks 50 steps given a fixed network output (the network excluded, as in a pipeline's
    loop after the UNet call: ``set_timesteps`` once, then ``step`` at every timestep), on 4x4x64x64 float32
@@ -8,11 +8,15 @@
 2. End to end through ``bdia.diffusers.tiny_pipeline`` (a StableDiffusionPipeline with tiny random weights: 4x8x8
    latents, classifier-free guidance, 50 steps, images decoded): the pipeline with DDIMScheduler, with
    BDIAScheduler(gamma=1), and ``bdia.diffusers.sample`` (bdia.sample over ``model_from`` with ``CFG``).
-3. Exactness through the same pipeline, float32 and float64: parity with DDIMScheduler (gamma = 0) and with
-   bdia.sample, round trips of ``invert`` / ``sample``, and DDIM inversion's round trip for comparison.
+3. Per pipeline family (SD 1.5, SDXL, SD3, Flux, on their tiny pipelines, at their pipelines' default step
+   counts): gamma = 0 against the pipeline's own deterministic walk (DDIMScheduler, FlowMatchEulerDiscreteScheduler),
+   float32 and float64; a pipeline-made sample's pair inverted back to its noise, and an image inverted and
+   resampled against ``encode(pipe, image)``, float32 and float64; the same with Euler / DDIM inversion; pixel PSNR
+   beside the VAE-only ceiling; the BDIA scheduler's time per step against the pipeline's own scheduler on the
+   real model's latent shape (``family``).
 
-Rounds interleaved (``benchmarks.interleaved``), one intra-op thread, subnormal floats flushed to zero (see
-``run``); medians and the ratio of minima reported.
+Rounds interleaved (``benchmarks.interleaved``), one intra-op thread, subnormal floats flushed to zero while timing
+(see ``flushed``); medians and the ratio of minima reported.
 """
 
 from __future__ import annotations
