@@ -113,7 +113,7 @@ class Fixed:
     stack: tuple[Spill, ...]
     bound: Fraction
     frac_bits: int
-    peak: torch.Tensor | None = None  # the largest |X| any step asked for (float64, 0-d, on the device)
+    peak: torch.Tensor | None = None  # the largest |X| any step asked for, per sample (float64, on the device)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,6 +151,7 @@ class ExactState(State):
             X=f.X[r],
             buffer=f.buffer[r],
             stack=tuple(dataclasses.replace(sp, low=sp.low[r]) for sp in f.stack),
+            peak=None if f.peak is None else f.peak[r],
         )
         return dataclasses.replace(self, x_prev=base.x_prev, x=base.x, fixed=g)
 
@@ -213,9 +214,31 @@ class ExactState(State):
                 for sp in fd["stack"]
             )
             fixed = Fixed(
-                fd["X_prev"], fd["X"], fd["buffer"], stack, Fraction(*fd["bound"]), int(fd["frac_bits"]), fd.get("peak")
+                fd["X_prev"],
+                fd["X"],
+                fd["buffer"],
+                stack,
+                Fraction(*fd["bound"]),
+                int(fd["frac_bits"]),
+                _per_sample(fd.get("peak"), fd["X"]),
             )
         return ExactState(base.x_prev, base.x, base.t_prev, base.t, base.coupled, fixed=fixed, **_provenance(d))
+
+
+def _per_sample(peak: torch.Tensor | None, X: torch.Tensor) -> torch.Tensor | None:
+    """A stored peak, one per sample (files written before it was per sample hold the batch's maximum)."""
+    if peak is None or peak.dim() == 1:
+        return peak
+    return peak.reshape(()).expand(X.shape[0]).clone()
+
+
+def _rowmax(t: torch.Tensor) -> torch.Tensor:
+    """``|t|``'s largest element per sample, float64 (every other part of an exact state is per element too, so
+    that ``state[rows]`` and joining shards keep it exact)."""
+    flat = t.detach().abs().reshape(t.shape[0], -1)
+    if flat.shape[1] == 0:
+        return flat.new_zeros(t.shape[0], dtype=torch.float64)
+    return flat.amax(1).double()
 
 
 def _peak(before: torch.Tensor | None, need: torch.Tensor) -> torch.Tensor:
@@ -359,7 +382,9 @@ class Exact:
         if f is None or f.peak is None:
             return "check the model output and the grid's end points"
         k = f.frac_bits
-        limit, peak = 2.0 ** (61 - k), float(f.peak) * 2.0**-k  # (one host sync, after the walk)
+        if f.peak.numel() == 0:
+            return "check the model output and the grid's end points"
+        limit, peak = 2.0 ** (61 - k), float(f.peak.max()) * 2.0**-k  # (one host sync, after the walk)
         if not math.isfinite(peak):
             return "the model (or the float surrogate step) produced NaN or inf: check the model output"
         if peak < limit:
@@ -409,7 +434,7 @@ class Exact:
         with _deterministic(self.deterministic):
             x1 = self.solver.integrator(model, x0, t, t_next, **kw)
         X1, ok1 = quantise(x1, k)
-        fixed = Fixed(X0, X1, torch.zeros_like(X0), (), Fraction(1), k, x1.abs().amax().double() * 2.0**k)
+        fixed = Fixed(X0, X1, torch.zeros_like(X0), (), Fraction(1), k, _rowmax(x1) * 2.0**k)
         return ExactState(x0, dequantise(X1, k, x.dtype, ok0 & ok1), t, t_next, fixed=fixed)
 
     def step(self, model: Denoiser, state: State, t_next: float, **kw: Any) -> ExactState:
@@ -423,7 +448,7 @@ class Exact:
         ok = okF & (Y.abs() < _STATE_ROOM)
         X_next = Y + F
         # how large a state this step asked for (|gamma X_prev| + |F|), for the error message if it overflowed
-        need = drift.abs().amax().double() * 2.0**f.frac_bits + Y.abs().amax().double()
+        need = _rowmax(drift) * 2.0**f.frac_bits + _rowmax(Y)
         fixed = Fixed(f.X, X_next, buffer, stack, bound, f.frac_bits, _peak(f.peak, need))
         return ExactState(x, dequantise(X_next, f.frac_bits, x.dtype, ok), t, t_next, fixed=fixed)
 
@@ -442,7 +467,7 @@ class Exact:
         F, okF = quantise(drift, f.frac_bits)
         Y = f.X - F
         X_prev, buffer, stack, bound, okY = _divide(Y, f.buffer, f.stack, f.bound, p, q, (t_prev, t, t_next))
-        need = (drift.abs().amax().double() * 2.0**f.frac_bits + f.X.abs().amax().double()) * (q / p)
+        need = (_rowmax(drift) * 2.0**f.frac_bits + _rowmax(f.X)) * (q / p)
         fixed = Fixed(X_prev, f.X_prev, buffer, stack, bound, f.frac_bits, _peak(f.peak, need))
         ok = okF & okY & (X_prev.abs() < _STATE_ROOM)
         return ExactState(dequantise(X_prev, f.frac_bits, x.dtype, ok), x, t_prev, t, fixed=fixed)

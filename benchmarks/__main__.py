@@ -20,6 +20,7 @@ from benchmarks import IMG, RESULTS
 REGISTRY: dict[str, str] = {
     "accuracy": "benchmarks.accuracy",  # error vs NFE against a DOP853 reference; gamma x NFE heat map
     "inversion": "benchmarks.inversion",  # round trips vs N, gamma, dtype; inverted latents vs the true ones
+    "rounding": "benchmarks.rounding",  # the amplification estimate a walk checks, against measured walks
     "speed": "benchmarks.speed",  # per-step overhead vs diffusers and a torch.add floor; end to end; memory
     "gradients": "benchmarks.gradients",  # gradient through sampling: peak memory and time vs N
     "quality": "benchmarks.quality",  # trained digits model: class accuracy and digits-FD vs NFE, with/without CFG

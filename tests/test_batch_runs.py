@@ -192,6 +192,11 @@ def test_exact_states_keep_their_integers_in_shards(tmp_path):
     batch.invert_dataset(model, ts, solver, tmp_path / "inv", input=tmp_path / "s", device="cpu")
     inv = batch.load_shard(tmp_path / "inv" / batch.shard_name(1)).state
     assert torch.equal(inv.x, bdia.invert(model, walked, ts, solver).x)
+    # every part of an exact state is per sample (its diagnostic peak too), so the shards join into one state
+    whole = batch.load_dataset(tmp_path / "s").state
+    everything = bdia.sample(model, torch.stack([batch.noise(4, i, (16,)) for i in range(5)]), ts, solver)
+    assert torch.equal(whole.fixed.X, everything.fixed.X) and torch.equal(whole.fixed.buffer, everything.fixed.buffer)
+    assert torch.equal(whole.fixed.peak, everything.fixed.peak)
 
 
 def test_two_ranks_verify_and_recompute_damaged_shards_between_them(tmp_path):

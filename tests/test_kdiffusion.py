@@ -447,3 +447,21 @@ def test_against_the_real_k_diffusion():
     x = noise(sigmas, torch.float32)
     assert torch.equal(karras_euler(denoiser, x, sigmas), sampling.sample_euler(denoiser, x, sigmas, disable=True))
     assert torch.equal(karras_heun(denoiser, x, sigmas), sampling.sample_heun(denoiser, x, sigmas, disable=True))
+
+
+def test_bdia_over_heun_keeps_heuns_order_with_a_heun_backward_step():
+    """BDIA over Heun with its default (Euler) backward step is first order; ``backward=Heun()`` makes the drop-in
+    for ``sample_heun`` second order, at one more model call per step."""
+    fine_sigmas = karras_sigmas(800)
+    errors = {}
+    for n in (36, 72):
+        sigmas = karras_sigmas(n)
+        x = noise(sigmas, torch.float64)
+        fine = karras_heun(denoiser, x, fine_sigmas)
+        heun = karras_heun(denoiser, x, sigmas)
+        first = sample_bdia(denoiser, x, sigmas, integrator=Heun(), disable=True)
+        second = sample_bdia(denoiser, x, sigmas, integrator=Heun(), backward=Heun(), disable=True)
+        errors[n] = [float((v - fine).norm() / fine.norm()) for v in (heun, first, second)]
+        assert errors[n][2] < 1.5 * errors[n][0] < errors[n][1], errors
+    ratios = [errors[36][i] / errors[72][i] for i in range(3)]  # halving the step: ~4 for order 2, ~2 for order 1
+    assert ratios[0] > 3 and ratios[2] > 3 and ratios[1] < 3, (errors, ratios)
