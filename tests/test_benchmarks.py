@@ -146,6 +146,15 @@ def test_diffusers_quick(tmp_path):
     assert out["per_step"]["gamma0_vs_ddim_max_rel"] < 1e-5  # gamma = 0 is DDIMScheduler's walk, to rounding
     runs = {r["run"] for r in out["end_to_end"]["rows"]}
     assert {"pipeline, DDIMScheduler", "pipeline, BDIAScheduler gamma=1", "bdia.diffusers.sample gamma=1"} == runs
+    assert {r["family"] for r in out["families"]} == {"SD 1.5", "SDXL", "SD3", "Flux"}
+    for r in out["families"]:
+        approximate = next(v for k, v in r.items() if k.endswith("inversion: image -> sample vs encode (float32)"))
+        assert r["image -> invert -> sample vs encode (float64)"] < 1e-9, r  # exact but for float64 rounding
+        assert approximate > 100 * r["image -> invert -> sample vs encode (float32)"], r  # the users' inversion
+        # BDIA reconstructs what the VAE alone reconstructs: the walk adds nothing to the VAE's own loss
+        assert r["PSNR BDIA (invert -> sample -> decode) dB"] == pytest.approx(
+            r["PSNR VAE only (encode -> decode) dB"], abs=0.01
+        )
 
 
 def test_throughput_quick(tmp_path):

@@ -360,6 +360,17 @@ def test_refusals_before_any_network_call():
     z = invert(sd3, start_noise(sd3, torch.float32), "a cat", num_inference_steps=N, max_sequence_length=8)
     with pytest.raises(ValueError, match="num_inference_steps=12"):
         sample(sd3, z, "a cat", num_inference_steps=12, max_sequence_length=8)
+    # the walk's own refusals come before the text encoders run, too
+    calls: list[int] = []
+    encoders = [getattr(sd3, name) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    hooks = [e.register_forward_hook(lambda *a: calls.append(1)) for e in encoders if e is not None]
+    try:
+        with pytest.raises(ValueError, match="can amplify rounding errors"):
+            invert(sd3, start_noise(sd3, torch.float32), "a cat", gamma=0.5, num_inference_steps=50)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []
     ddim = swapped("sd3", torch.float32, diffusers.DDIMScheduler)
     with pytest.raises(TypeError, match="flow-matching model, but its scheduler is DDIMScheduler"):
         invert(ddim, start_noise(ddim, torch.float32), "a cat")

@@ -36,7 +36,7 @@ from bdia.diffusers.adapters import (
     timesteps_from,
 )
 from bdia.models import CFG
-from bdia.sampling import Step, cut, locate
+from bdia.sampling import Step, check, cut, locate
 from bdia.solvers import BDIA, DDIM, Euler
 from bdia.state import check_state
 
@@ -720,14 +720,17 @@ def _walk(
         if isinstance(start, State):
             start, k = _locate(start, walk[::-1], solver, n, "image_or_latents")
             walk = walk[: len(walk) - max(k - 1, 0)]  # from the pair on
+    # everything the walk refuses (amplification, non-finite input, ...) before the text encoders run
+    ts = torch.tensor(walk, dtype=torch.float64)
+    network = _Net(getattr(pipe, family.network), family.timestep)
+    check(model_over(network, pipe.scheduler), start, ts, solver, forward=forward)
     # the conditioning (the text encoders' calls) and the model
     conditioning = family.conditioning(
         pipe, device, prompt, options, scale, latents.shape[0], num_images_per_prompt, size
     )
-    model = model_over(conditioning.guide(_Net(getattr(pipe, family.network), family.timestep)), pipe.scheduler)
+    model = model_over(conditioning.guide(network), pipe.scheduler)
     steps = _callbacks(pipe, family, callback, callback_on_step_end)
     run = bdia.sample if forward else bdia.invert
-    ts = torch.tensor(walk, dtype=torch.float64)
     return run(model, start, ts, solver, progress=progress, callback=steps, **conditioning.cond)
 
 
