@@ -125,24 +125,22 @@ def _import(module: str) -> Any:
 # ------------------------------------------------------------------------------------------------ the parser
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return v
+def _int_at_least(lowest: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``lowest``, else a usage error naming what was given."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = lowest - 1
+        if v < lowest:
+            raise argparse.ArgumentTypeError(f"expected an int >= {lowest}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _nonnegative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return v
+_positive, _nonnegative = _int_at_least(1), _int_at_least(0)
 
 
 def _finite(text: str) -> float:

@@ -27,7 +27,7 @@ from bdia.protocols import Plan, Solver, Stepping
 from bdia.schedules import Schedule, check_grid
 from bdia.state import State, check_latent, check_state
 
-__all__ = ["Step", "cut", "invert", "limits", "locate", "sample", "stamp"]
+__all__ = ["Step", "check", "cut", "invert", "limits", "locate", "sample", "stamp"]
 
 
 class Step:
@@ -270,6 +270,24 @@ def _begin(w: _Walk, model: Denoiser, init: bool = True) -> _Start:
         # (a pair solver's first step reaches walk[1]; coupled copies start where the latent is, at walk[0])
         state, k = locate(plan.init(model, latent, w.kw), walk, name="the solver's first step")
     return _Start(plan, state, k)
+
+
+def check(
+    model: Denoiser,
+    x: torch.Tensor | State,
+    ts: torch.Tensor,
+    solver: Solver,
+    *,
+    forward: bool = True,
+    strength: float | None = None,
+    check_finite: bool = True,
+    max_amplification: float | None = None,
+) -> None:
+    """Everything ``sample`` (``forward``) or ``invert`` refuses before any model call, without walking: for an
+    integration with costs of its own before the walk (a pipeline's text encoders). The walk's plan is made (and
+    kept for the walk that follows, with the same model and solver); no network is called."""
+    w = _Walk(model, x, ts, solver, forward, strength, False, False, None, check_finite, max_amplification, {})
+    _begin(w, model, init=False)
 
 
 def cut(grid: list[float], strength: float | None) -> list[float]:

@@ -24,9 +24,10 @@ REGISTRY: dict[str, str] = {
     "speed": "benchmarks.speed",  # per-step overhead vs diffusers and a torch.add floor; end to end; memory
     "gradients": "benchmarks.gradients",  # gradient through sampling: peak memory and time vs N
     "quality": "benchmarks.quality",  # trained digits model: class accuracy and digits-FD vs NFE, with/without CFG
-    "diffusers": "benchmarks.diffusers",  # BDIAScheduler.step vs DDIMScheduler.step; end to end through an SD pipeline
+    "diffusers": "benchmarks.diffusers",  # per pipeline family (SD, SDXL, SD3, Flux): round trips, PSNR, step times
     "throughput": "benchmarks.throughput",  # bdia sample: samples/s at 1 and 2 processes, shard-writing share
     "trained": "benchmarks.trained",  # trained digits model: ODE error vs NFE against a fine solution; O-BELM's gamma
+    "gpu": "benchmarks.gpu",  # CUDA tests, default path, a walk as a CUDA graph, SD 1.5's UNet in 3 dtypes
 }
 
 

@@ -1,4 +1,4 @@
-"""The diffusers integration's speed: ``BDIAScheduler.step`` against ``DDIMScheduler.step``, and end to end.
+"""The diffusers integration: exactness and speed through every covered pipeline family, and the schedulers' step.
 
 1. Per step: each scheduler walks 50 steps given a fixed network output (the network excluded, as in a pipeline's
    loop after the UNet call: ``set_timesteps`` once, then ``step`` at every timestep), on 4x4x64x64 float32
@@ -8,15 +8,20 @@
 2. End to end through ``bdia.diffusers.tiny_pipeline`` (a StableDiffusionPipeline with tiny random weights: 4x8x8
    latents, classifier-free guidance, 50 steps, images decoded): the pipeline with DDIMScheduler, with
    BDIAScheduler(gamma=1), and ``bdia.diffusers.sample`` (bdia.sample over ``model_from`` with ``CFG``).
-3. Exactness through the same pipeline, float32 and float64: parity with DDIMScheduler (gamma = 0) and with
-   bdia.sample, round trips of ``invert`` / ``sample``, and DDIM inversion's round trip for comparison.
+3. Per pipeline family (SD 1.5, SDXL, SD3, Flux, on their tiny pipelines, at their pipelines' default step
+   counts): gamma = 0 against the pipeline's own deterministic walk (DDIMScheduler, FlowMatchEulerDiscreteScheduler),
+   float32 and float64; a pipeline-made sample's pair inverted back to its noise, and an image inverted and
+   resampled against ``encode(pipe, image)``, float32 and float64; the same with Euler / DDIM inversion; pixel PSNR
+   beside the VAE-only ceiling; the BDIA scheduler's time per step against the pipeline's own scheduler on the
+   real model's latent shape (``family``).
 
-Rounds interleaved (``benchmarks.interleaved``), one intra-op thread, subnormal floats flushed to zero (see
-``run``); medians and the ratio of minima reported.
+Rounds interleaved (``benchmarks.interleaved``), one intra-op thread, subnormal floats flushed to zero while timing
+(see ``flushed``); medians and the ratio of minima reported.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -26,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bdia.report import relative_error
-from benchmarks import IMG, RESULTS, interleaved, print_table, pyplot, save, threads
+from benchmarks import interleaved, outputs, print_table, pyplot, save, threads
 
 __all__ = ["run"]
 
@@ -120,72 +125,130 @@ def end_to_end(steps: int, repeats: int) -> dict:
     return {"repeats": repeats, "rows": rows}
 
 
-def exactness(steps: int) -> dict:
-    """Parity and round trips through the tiny pipeline (CFG 3.0, Stable Diffusion 1.5's scheduler config), in
-    float32 and float64 (the same weights, cast): relative L2 errors."""
-    from diffusers import DDIMScheduler
+# Per pipeline family: its tiny pipeline, the prompt keywords every call passes, the guidance its pipeline uses,
+# the latent shape of the real model at its native resolution (for the per-step time), and whether it is a flow
+# model (its schedulers and its approximate inversion: Euler; else DDIM)
+FAMILIES = {
+    "SD 1.5": ("tiny_pipeline", {}, {"guidance_scale": 3.0}, (1, 4, 64, 64), False),
+    "SDXL": ("tiny_sdxl_pipeline", {}, {"guidance_scale": 3.0}, (1, 4, 128, 128), False),
+    "SD3": ("tiny_sd3_pipeline", {"max_sequence_length": 8}, {"guidance_scale": 3.0}, (1, 16, 128, 128), True),
+    "Flux": ("tiny_flux_pipeline", {"max_sequence_length": 8}, {"guidance_scale": 3.5}, (1, 4096, 64), True),
+}
 
-    import bdia
-    from bdia.diffusers import BDIAScheduler, invert, model_from, sample, timesteps_from, tiny_pipeline
-    from bdia.solvers import BDIA, DDIM
 
-    rows = []
-    for dtype in (torch.float32, torch.float64):
-        pipe = tiny_pipeline(seed=0, dtype=dtype)
-        config = pipe.scheduler.config
-        noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
-        prompts, kw = ["a cat", "a dog"], dict(num_inference_steps=steps, guidance_scale=3.0)
+def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio (dB) of images in [0, 1]."""
+    mse = float(((image.double() - reference.double()) ** 2).mean())
+    return 10 * math.log10(1 / mse) if mse > 0 else math.inf
 
-        def latents_with(scheduler, guidance_scale=3.0, prompts=prompts, noise=noise, pipe=pipe):
+
+def family(name: str, steps: int, repeats: int, inner: int) -> dict:
+    """One pipeline family: gamma = 0 parity with the pipeline's own deterministic scheduler (DDIMScheduler, or
+    FlowMatchEulerDiscreteScheduler), latent round trips in float32 and float64, pixel PSNR of the reconstruction
+    beside the VAE's own (encode -> decode) and beside Euler / DDIM inversion's, and the BDIA scheduler's time per
+    step against the pipeline's own scheduler (interleaved, network excluded, on the real model's latent shape)."""
+    import diffusers
+
+    import bdia.diffusers as bd
+    from bdia.solvers import DDIM, Euler
+
+    builder, options, guidance, shape, flow = FAMILIES[name]
+    ours_cls = bd.BDIAFlowMatchScheduler if flow else bd.BDIAScheduler
+    ref_cls = diffusers.FlowMatchEulerDiscreteScheduler if flow else diffusers.DDIMScheduler
+    kw = {"num_inference_steps": steps, **guidance, **options}
+    prompts = ["a cat", "a dog"]
+    out: dict = {"family": name, "steps": steps, **guidance}
+    pipes = {dtype: getattr(bd, builder)(seed=0, dtype=dtype) for dtype in (torch.float32, torch.float64)}
+    own = pipes[torch.float32].scheduler  # the pipeline's own scheduler, as published
+    config = own.config
+    for dtype, pipe in pipes.items():
+        tag = str(dtype).removeprefix("torch.")
+        layout = bd.family_of(pipe)  # (its noise: 16x16 images, packed for Flux)
+        g = torch.Generator().manual_seed(0)
+        x = layout.pack(pipe, torch.randn(layout.noise_shape(pipe, 2, 16, 16), generator=g).to(dtype))
+        walks = {}
+        for label, scheduler in (
+            ("ref", ref_cls.from_config(config)),
+            ("gamma0", ours_cls.from_config(config, gamma=0.0)),
+        ):
             pipe.scheduler = scheduler
-            out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance_scale, latents=noise,
-                       output_type="latent")  # fmt: skip
-            return out.images
+            walks[label] = pipe(prompts, latents=x, output_type="latent", **kw).images
+        out[f"gamma=0 vs {ref_cls.__name__} ({tag})"] = relative_error(walks["gamma0"], walks["ref"])
+        pipe.scheduler = ours_cls.from_config(config, gamma=1.0)
+        made = pipe(prompts, latents=x, output_type="latent", **kw).images
+        z = bd.invert(pipe, pipe.scheduler.state, prompts, **kw)
+        out[f"sample pair -> invert vs noise ({tag})"] = relative_error(z.x, x)
+    # an image the float32 pipeline made, inverted and resampled
+    pipe = pipes[torch.float32]
+    image = bd.decode(pipe, made[:1], output_type="pt")
+    for dtype, p in pipes.items():
+        tag = str(dtype).removeprefix("torch.")
+        p.scheduler = ours_cls.from_config(config, gamma=1.0)
+        latent = bd.encode(p, image.to(dtype))
+        back = bd.sample(p, bd.invert(p, image.to(dtype), "a cat", **kw), "a cat", output_type="latent", **kw)
+        out[f"image -> invert -> sample vs encode ({tag})"] = relative_error(back, latent)
+        if dtype == torch.float32:
+            approx = Euler() if flow else DDIM()
+            za = bd.invert(p, image, "a cat", solver=approx, **kw)
+            rough = bd.sample(p, za, "a cat", solver=approx, output_type="latent", **kw)
+            out[f"{approx!r} inversion: image -> sample vs encode (float32)"] = relative_error(rough, latent)
+            ceiling = bd.decode(p, latent, output_type="pt")
+            out["PSNR VAE only (encode -> decode) dB"] = psnr(ceiling, image)
+            out["PSNR BDIA (invert -> sample -> decode) dB"] = psnr(bd.decode(p, back, output_type="pt"), image)
+            out[f"PSNR {approx!r} inversion dB"] = psnr(bd.decode(p, rough, output_type="pt"), image)
+            # against the VAE-only reconstruction: how far the inversion's latent error moves the pixels
+            out["PSNR BDIA vs VAE-only image dB"] = psnr(bd.decode(p, back, output_type="pt"), ceiling)
+            out[f"PSNR {approx!r} inversion vs VAE-only image dB"] = psnr(
+                bd.decode(p, rough, output_type="pt"), ceiling
+            )
+    with flushed():  # (only the timing depends on it)
+        out.update(_per_step(own, ours_cls.from_config(config, gamma=1.0), ours_cls.from_config(config, gamma=0.0),
+                             shape, steps, repeats, inner))  # fmt: skip
+    return out
 
-        ddim = latents_with(DDIMScheduler.from_config(config))
-        bdia0 = latents_with(BDIAScheduler.from_config(config, gamma=0.0))
-        unguided = latents_with(BDIAScheduler.from_config(config, gamma=1.0), guidance_scale=1.0)
-        cond = pipe.encode_prompt(prompts, "cpu", 1, False)[0]
-        ts = timesteps_from(pipe.scheduler, steps)
-        ref = bdia.sample(
-            model_from(pipe.unet, pipe.scheduler), noise, ts, BDIA(DDIM(), 1.0), encoder_hidden_states=cond
-        )
-        sampled = latents_with(BDIAScheduler.from_config(config, gamma=1.0))
-        state = pipe.scheduler.state
-        z = invert(pipe, state, prompt=prompts, **kw)
-        again = sample(pipe, z, prompt=prompts, output_type="latent", **kw)
-        # a real image: its latent (VAE mean) inverted with the source prompt, then resampled with it
-        decoded = pipe.vae.decode(sampled / pipe.vae.config.scaling_factor).sample
-        image = pipe.image_processor.postprocess(decoded, output_type="pt")  # in [0, 1], as an image is given
-        pixels = pipe.image_processor.preprocess(image)
-        latent = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
-        reach = [0.0]  # how far the walk strays: the largest |x| / alpha(t) it meets (rounding scales with it)
 
-        def track(st, reach=reach, schedule=pipe.scheduler.schedule):
-            reach[0] = max(reach[0], float(st.x.abs().max()) / schedule.at(st.t).alpha)
+def _per_step(own, ours, plain, shape: tuple[int, ...], steps: int, repeats: int, inner: int) -> dict:
+    """The BDIA scheduler's ``step`` (gamma = 1, and gamma = 0: the plain integrator) against the pipeline's own
+    scheduler's, each walking ``steps`` steps given a fixed network output (a pipeline's loop after the network
+    call, ``set_timesteps`` included), interleaved rounds."""
+    g = torch.Generator().manual_seed(0)
+    x, out = (torch.randn(shape, generator=g) for _ in range(2))
+    grid = {}
+    if own.config.get("use_dynamic_shifting", False):  # as Flux's pipeline sets it for the real model's tokens
+        import numpy as np
 
-        zi = invert(pipe, image, prompt=prompts, callback=track, **kw)
-        edit_same = sample(pipe, zi, prompt=prompts, output_type="latent", **kw)
-        # the approximate baseline: DDIM inversion, then DDIM sampling, same model and guidance
-        uncond = pipe.encode_prompt(prompts, "cpu", 1, True)[1]
-        guided = model_from(pipe.unet, pipe.scheduler, guidance_scale=3.0, encoder_hidden_states=uncond)
-        cond3 = pipe.encode_prompt(prompts, "cpu", 1, True)[0]
-        zd = bdia.invert(guided, latent, ts, DDIM(), encoder_hidden_states=cond3)
-        ddim_back = bdia.sample(guided, zd.x, ts, DDIM(), encoder_hidden_states=cond3).x
-        rows.append(
-            {
-                "dtype": str(dtype).removeprefix("torch."),
-                "gamma=0 vs DDIMScheduler": relative_error(bdia0, ddim),
-                "scheduler vs bdia.sample (no CFG), bitwise": bool(torch.equal(unguided, ref.x)),
-                "noise->pipe->invert": relative_error(z.x, noise),
-                "pair->invert->sample": relative_error(again, sampled),
-                "image->invert->sample": relative_error(edit_same, latent),
-                "image: max |latent|": float(latent.abs().max()),
-                "image walk: max |x|/alpha": reach[0],
-                "DDIM inversion: image->invert->sample": relative_error(ddim_back, latent),
-            }
-        )
-    return {"steps": steps, "guidance_scale": 3.0, "rows": rows}
+        from bdia.diffusers.pipelines import _mu
+
+        grid = {"sigmas": np.linspace(1.0, 1 / steps, steps), "mu": _mu(own.config, shape[1], 1.15)}
+
+    def walk(scheduler):
+        # as the pipeline's loop: the model input through scale_model_input where the scheduler has one (Euler's)
+        scale = getattr(type(scheduler), "scale_model_input", None)
+
+        def go():
+            scheduler.set_timesteps(steps, **grid)
+            y = x
+            for t in scheduler.timesteps:
+                y = scheduler.step(out, t, y if scale is None else scale(scheduler, y, t), return_dict=False)[0]
+            return y
+
+        return go
+
+    name = type(ours).__name__
+    fns = {type(own).__name__: walk(own), f"{name} gamma=1": walk(ours), f"{name} gamma=0": walk(plain)}
+    for fn in fns.values():
+        fn()
+    times = interleaved(fns, repeats, inner)
+    base = times[type(own).__name__]
+    row = {
+        "per-step shape": list(shape),
+        **{f"{k}.step us": statistics.median(v) / steps * 1e6 for k, v in times.items()},
+    }
+    for gamma in ("1", "0"):
+        ts = times[f"{name} gamma={gamma}"]
+        row[f"per-step time ratio gamma={gamma} (median)"] = statistics.median(ts) / statistics.median(base)
+        row[f"per-step time ratio gamma={gamma} (minima)"] = min(ts) / min(base)
+    return row
 
 
 def _plot(step: dict, e2e: dict, path: Path) -> None:
@@ -203,6 +266,58 @@ def _plot(step: dict, e2e: dict, path: Path) -> None:
     for i, r in enumerate(r2):
         axes[1].text(r["x DDIM"], i, f" {r['x DDIM']:.3f}", va="center", fontsize=8)
     axes[1].set_title(f"tiny SD pipeline, {r2[0]['steps']} steps: time / DDIM's", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_families(rows: list[dict], path: Path) -> None:
+    """Per family: pixel PSNR against the source image (VAE only, BDIA, Euler / DDIM inversion) and against the
+    VAE-only reconstruction (the best any inversion can give), and the latent round trips' errors."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    names, width = [r["family"] for r in rows], 0.27
+
+    def bars(ax, series: list[tuple[str, list[float]]]) -> None:
+        for j, (label, values) in enumerate(series):
+            offset = (j - (len(series) - 1) / 2) * width
+            ax.bar([i + offset for i in range(len(rows))], values, width, label=label)
+        ax.set_xticks(range(len(rows)), names)
+        ax.legend(fontsize=8)
+
+    def approx(r: dict, ending: str) -> float:
+        return next(v for k, v in r.items() if k.endswith(ending) and ("DDIM()" in k or "Euler()" in k))
+
+    bars(
+        axes[0],
+        [
+            ("VAE only (encode -> decode)", [r["PSNR VAE only (encode -> decode) dB"] for r in rows]),
+            ("BDIA", [r["PSNR BDIA (invert -> sample -> decode) dB"] for r in rows]),
+            ("Euler / DDIM inversion", [approx(r, "inversion dB") for r in rows]),
+        ],
+    )
+    axes[0].set_ylabel("PSNR [dB]")
+    axes[0].set_title("against the source image (random weights: the VAE is the limit)", fontsize=9)
+    bars(
+        axes[1],
+        [
+            ("BDIA", [r["PSNR BDIA vs VAE-only image dB"] for r in rows]),
+            ("Euler / DDIM inversion", [approx(r, "inversion vs VAE-only image dB") for r in rows]),
+        ],
+    )
+    axes[1].set_ylabel("PSNR [dB]")
+    axes[1].set_title("against the VAE-only reconstruction (the ceiling)", fontsize=9)
+    bars(
+        axes[2],
+        [
+            ("BDIA float32", [r["image -> invert -> sample vs encode (float32)"] for r in rows]),
+            ("BDIA float64", [r["image -> invert -> sample vs encode (float64)"] for r in rows]),
+            ("Euler / DDIM inversion float32", [approx(r, "image -> sample vs encode (float32)") for r in rows]),
+        ],
+    )
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("relative L2 error of the latent")
+    axes[2].set_title("image -> invert -> sample vs encode(image)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -226,9 +341,10 @@ def flushed() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
-def run(quick: bool = False, results_dir: Path = RESULTS, img_dir: Path = IMG) -> dict:
+def run(quick: bool = False, results_dir: Path | None = None, img_dir: Path | None = None) -> dict:
+    results_dir, img_dir = outputs(quick, results_dir, img_dir)  # (a quick run never writes the committed ones)
     with threads(1), torch.inference_mode():
-        return _run(quick, Path(results_dir), Path(img_dir))
+        return _run(quick, results_dir, img_dir)
 
 
 def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
@@ -248,17 +364,20 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
     e2e["predicted_bdia_ratio"] = (ddim_ms + saved_ms) / ddim_ms
     print_table(e2e["rows"], "End to end, tiny Stable Diffusion pipeline (CFG 7.5, images decoded)")
     print(f"BDIAScheduler / DDIMScheduler end to end, predicted from the step times: {e2e['predicted_bdia_ratio']:.4f}")
-    exact = exactness(steps=5 if quick else 50)
-    print_table(exact["rows"], f"Exactness through the tiny pipeline, {exact['steps']} steps, CFG 3 (relative L2)")
+    defaults = {"SD 1.5": 50, "SDXL": 50, "SD3": 28, "Flux": 28}  # the pipelines' own num_inference_steps
+    rows = [family(name, 5 if quick else defaults[name], 3 if quick else 31, 1 if quick else 3) for name in FAMILIES]
+    for r in rows:
+        print_table([{"measure": k, "value": v} for k, v in r.items()], f"{r['family']} (tiny pipeline)")
     img_dir.mkdir(parents=True, exist_ok=True)
     _plot(step, e2e, img_dir / "diffusers_speed.png")
+    _plot_families(rows, img_dir / "diffusers_families.png")
     payload = {
         "quick": quick,
         "subnormals_flushed_while_timing": True,
         "per_step": step,
         "per_step_tiny_latents": small,
         "end_to_end": e2e,
-        "exactness": exact,
+        "families": rows,
         "seconds": time.perf_counter() - t0,
     }
     save(results_dir, "diffusers", payload)

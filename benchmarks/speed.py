@@ -163,71 +163,158 @@ def per_step(repeats: int, inner: int, shape: tuple[int, ...] = (4, 4, 64, 64)) 
     }
 
 
-def default_path(repeats: int, shape: tuple[int, ...], steps: int = 20, device: str = "cpu") -> dict:
-    """What users call, flags untouched: ``bdia.sample(model, x, ts, BDIA(DDIM()))`` with a free model (a network
-    that returns a stored tensor), per step, against diffusers' ``DDIMScheduler.step`` looped over the same grid and
-    ``torch.add`` (the floor), interleaved in one run."""
+def _hand_loop(x: torch.Tensor, net, times: list[float], like: torch.Tensor):
+    """The least a BDIA-DDIM walk can be in eager PyTorch: per step the network call with a time tensor built before
+    the walk, then the two ``torch.add`` of ``x_prev + s (out + r x)`` with the coefficients computed before the walk
+    (the first step, from a lone latent, a plain DDIM step: one add and one multiply). No validation, no state object,
+    no checks. Returns the walk as a function of nothing, and the coefficients it uses."""
+    model = Model(net, SD, "epsilon")
+    solver = BDIA(DDIM())
+    ready = [model.prepare(t, like) for t in times]
+    A, B, C = DDIM().coefficients(SD, times[0], times[1])
+    (r0, s0), steps = _split(A, B, C, ready[0].m), []
+    for j in range(2, len(times)):
+        A, B, C = solver.coefficients(SD, times[j - 2], times[j - 1], times[j], 1.0)
+        steps.append((ready[j - 1].times, *_split(A, B, C, ready[j - 1].m)))
+
+    def walk() -> torch.Tensor:
+        out = net(x, ready[0].times)
+        x_prev, z = x, torch.add(out, x, alpha=r0).mul_(s0)
+        for t, r, s in steps:
+            out = net(z, t)
+            T = torch.add(out, z, alpha=r)
+            x_prev, z = z, torch.add(x_prev, T, alpha=s, out=T)
+        return z
+
+    return walk
+
+
+def _split(A: float, B: float, C: float, m: tuple) -> tuple[float, float]:
+    """``A x + B x0 + C eps`` on (x, eps-network output) as ``s (out + r x)`` (the output's coefficient is the larger
+    one on these grids, as for the library's own split)."""
+    a, b, c, d = m
+    cx, cv = A + B * a + C * c, B * b + C * d
+    return cx / cv, cv
+
+
+def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = (20, 50), device: str = "cpu") -> dict:
+    """What users call, flags untouched: ``bdia.sample(model, x, ts, BDIA(DDIM()))`` and ``bdia.invert`` of its
+    result, with a free model (a network that returns a stored tensor), per step, against the hand-written loop
+    (``_hand_loop``: the network and two ``torch.add`` a step), diffusers' ``DDIMScheduler.step`` looped over the
+    same grid, and ``torch.add`` (the floor: one pass over memory, one allocation), all interleaved in one run, at
+    two step counts. The per-walk fixed cost of a call is what its walk time keeps at zero steps, fitted from the two
+    step counts (``T(N) = fixed + N per_step``), in steps of the hand loop."""
     from diffusers import DDIMScheduler
 
     g = torch.Generator().manual_seed(0)
-    x, out = (torch.randn(shape, generator=g).to(device) for _ in range(2))
-    model = Model(lambda z, t: out, SD, "epsilon")
-    grid = SD.timesteps(steps, "leading", steps_offset=1)
-    sched = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-        steps_offset=1,
-    )  # fmt: skip
-    sched.set_timesteps(steps, device=device)
-    solver = BDIA(DDIM())
+    x, stored = (torch.randn(shape, generator=g).to(device) for _ in range(2))
 
-    def diffusers_loop() -> None:
-        z = x
-        for t in sched.timesteps:
-            z = sched.step(out, t, z, return_dict=False)[0]
+    def net(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return stored
 
-    def adds() -> None:  # each result dropped at once, as a walk drops its old latents
-        for _ in range(steps):
-            torch.add(x, out)
+    model, solver = Model(net, SD, "epsilon"), BDIA(DDIM())
+    fns, grids = {}, {}
+    for n in steps:
+        grid = grids[n] = SD.timesteps(n, "leading", steps_offset=1)
+        sched = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1,
+        )  # fmt: skip
+        sched.set_timesteps(n, device=device)
 
-    def by_hand() -> None:
-        # the least a Python-level walk does per step: call the adapter, two torch.add (the BDIA-DDIM update
-        # x_prev + s (x + r out), written over the first result), make the state; no validation, no checks
-        state = State(x, x, times[0], times[1])
-        for t_next in times[2:]:
-            pred = model(state.x, state.t)
-            T = torch.add(pred.u, pred.v, alpha=-0.05)
-            state = State(state.x, torch.add(state.x_prev, T, alpha=0.9, out=T), state.t, t_next)
+        def diffusers_loop(sched=sched) -> None:
+            z = x
+            for t in sched.timesteps:
+                z = sched.step(stored, t, z, return_dict=False)[0]
 
-    times = grid.tolist()
-    fns = {
-        "torch.add (floor)": adds,
-        "diffusers DDIMScheduler.step": diffusers_loop,
-        "bdia.sample, BDIA(DDIM()), default flags": lambda: bdia.sample(model, x, grid, solver),
-        "bdia.sample, BDIA(DDIM()), check_finite=False": lambda: bdia.sample(
-            model, x, grid, solver, check_finite=False
-        ),
-        "bound: a hand-written loop (adapter, two torch.add, state)": by_hand,
-    }
+        def adds(n=n) -> None:  # each result dropped at once, as a walk drops its old latents
+            for _ in range(n):
+                torch.add(x, stored)
+
+        sampled = bdia.sample(model, x, grid, solver)
+        by_hand = _hand_loop(x, net, grid.tolist(), x)
+        if not torch.allclose(by_hand(), sampled.x, rtol=1e-5, atol=1e-5):
+            raise AssertionError("the hand-written loop does not compute the BDIA-DDIM walk")
+        fns[(n, "torch.add (floor)")] = adds
+        fns[(n, "diffusers DDIMScheduler.step")] = diffusers_loop
+        fns[(n, "hand-written loop: the network, two torch.add")] = by_hand
+        fns[(n, "bdia.sample, BDIA(DDIM()), default flags")] = lambda grid=grid: bdia.sample(model, x, grid, solver)
+        fns[(n, "bdia.invert of that sample, default flags")] = lambda grid=grid, s=sampled: bdia.invert(
+            model, s, grid, solver
+        )
+    fns = _synced(fns, device)
     for fn in fns.values():
         fn()
     # a few back-to-back walks per round: each candidate is timed in the heap state it leaves itself (the CPU
     # allocator's state after diffusers' many small tensors slows the next candidate's large allocations)
     times = interleaved(fns, repeats, inner=3)
-    per = {k: [v / steps for v in vs] for k, vs in times.items()}
+    per = {k: [v / k[0] for v in vs] for k, vs in times.items()}
     med = {k: _median_us(v) for k, v in per.items()}
-    floor, diff = med["torch.add (floor)"], med["diffusers DDIMScheduler.step"]
-    rows = [
-        {
-            "per step": k,
-            "median us": v,
-            "x floor": v / floor,
-            "x diffusers": v / diff,
-            "x floor (min)": min(per[k]) / min(per["torch.add (floor)"]),
-            "x diffusers (min)": min(per[k]) / min(per["diffusers DDIMScheduler.step"]),
-        }
-        for k, v in med.items()
-    ]
-    return {"shape": list(shape), "steps": steps, "repeats": repeats, "device": str(device), "rows": rows}
+    low = {k: min(v) * 1e6 for k, v in per.items()}
+    hand, diff = "hand-written loop: the network, two torch.add", "diffusers DDIMScheduler.step"
+    rows = []
+    for (n, name), v in med.items():
+        rows.append(
+            {
+                "steps": n,
+                "per step": name,
+                "median us": v,
+                "x hand loop": v / med[(n, hand)],
+                "x diffusers": v / med[(n, diff)],
+                "x floor": v / med[(n, "torch.add (floor)")],
+                "x hand loop (min)": low[(n, name)] / low[(n, hand)],
+                "x diffusers (min)": low[(n, name)] / low[(n, diff)],
+            }
+        )
+    fixed = []
+    lo, hi = min(steps), max(steps)
+    for name in ("bdia.sample, BDIA(DDIM()), default flags", "bdia.invert of that sample, default flags", hand):
+        for stat, d in (("median", med), ("min", low)):
+            # walk times T(N) = N * per step; fit T = fixed + N slope through the two step counts
+            t_lo, t_hi = d[(lo, name)] * lo, d[(hi, name)] * hi
+            slope = (t_hi - t_lo) / (hi - lo)
+            hand_step = (d[(hi, hand)] * hi - d[(lo, hand)] * lo) / (hi - lo)
+            fixed.append(
+                {
+                    "walk": name,
+                    "statistic": stat,
+                    "fixed us": t_lo - lo * slope,
+                    "fixed, in hand-loop steps": (t_lo - lo * slope) / hand_step,
+                    "per step, x the hand loop's": slope / hand_step,
+                }
+            )
+    return {"shape": list(shape), "steps": list(steps), "repeats": repeats, "device": str(device), "rows": rows,
+            "fixed": fixed}  # fmt: skip
+
+
+def large_latents(repeats: int, shape: tuple[int, ...] = (1, 16, 1024, 1024), steps: int = 6) -> dict:
+    """A latent far beyond the CPU allocator's cache (64 MiB): the default walk, which writes each step into the
+    latent it drops, against the same walk allocating a fresh tensor every step."""
+    from bdia import sampling
+
+    g = torch.Generator().manual_seed(0)
+    x, stored = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    model, solver = Model(lambda z, t: stored, SD, "epsilon"), BDIA(DDIM())
+    grid = SD.timesteps(steps, "leading", steps_offset=1)
+    limit = sampling._REUSE_BYTES
+
+    def allocating() -> None:
+        sampling._REUSE_BYTES = 1 << 62
+        try:
+            bdia.sample(model, x, grid, solver)
+        finally:
+            sampling._REUSE_BYTES = limit
+
+    fns = {
+        "default (writes into dropped latents)": lambda: bdia.sample(model, x, grid, solver),
+        "allocating": allocating,
+    }
+    for fn in fns.values():
+        fn()
+    times = interleaved(fns, repeats)
+    med = {k: statistics.median(v) / steps * 1e3 for k, v in times.items()}
+    rows = [{"walk": k, "ms per step": v, "x allocating": v / med["allocating"]} for k, v in med.items()]
+    return {"shape": list(shape), "MiB": x.numel() * 4 / 2**20, "steps": steps, "rows": rows}
 
 
 def _synced(fns: dict, device: str) -> dict:
@@ -424,11 +511,12 @@ def _run_cuda(quick: bool, results_dir: Path, device: str) -> dict:
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(torch.device(device))
     default = [
-        default_path(repeats=3 if quick else 41, shape=shape, steps=3 if quick else 20, device=device)
-        for shape in ((4, 4, 64, 64), (1, 4, 128, 128), (16, 4, 128, 128))
+        default_path(repeats=3 if quick else 41, shape=shape, steps=(3, 5) if quick else (20, 50), device=device)
+        for shape in ((4, 4, 64, 64), (1, 16, 128, 128), (16, 4, 128, 128))
     ]
     for d in default:
-        print_table(d["rows"], f"Default path per step on {name}, {d['shape']} float32, {d['steps']} steps")
+        print_table(d["rows"], f"Default path per step on {name}, {d['shape']} float32")
+        print_table(d["fixed"], f"Per-walk fixed cost on {name}, {d['shape']}")
     comp = compiled(steps=3 if quick else 20, repeats=1 if quick else 15, backend="inductor", device=device)
     print_table(
         comp["rows"], f"Compiled vs eager network on {name} (first walks, compiling: {comp['first_walks_s']:.1f} s)"
@@ -457,12 +545,15 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
         big = per_step(repeats=15, inner=5, shape=(16, 4, 128, 128))
         print_table(big["rows"], f"Per step, {big['shape']} float32, model excluded (median of interleaved rounds)")
     default = [
-        default_path(repeats=3 if quick else 41, shape=shape, steps=3 if quick else steps)
-        for steps in ((20,) if quick else (20, 50))  # 50: diffusers' pipelines' default number of steps
-        for shape in ((4, 4, 64, 64), (1, 4, 128, 128))
+        default_path(repeats=3 if quick else 41, shape=shape, steps=(3, 5) if quick else (20, 50))
+        for shape in ((4, 4, 64, 64), (1, 16, 128, 128))
     ]
     for d in default:
-        print_table(d["rows"], f"Default path per step, {d['shape']} float32, {d['steps']} steps, free model")
+        print_table(d["rows"], f"Default path per step, {d['shape']} float32, free model (interleaved rounds)")
+        print_table(d["fixed"], f"Per-walk fixed cost, {d['shape']}, fitted over {d['steps']} steps")
+    large = None if quick else large_latents(repeats=7)
+    if large is not None:
+        print_table(large["rows"], f"A {large['MiB']:.0f} MiB latent, {large['steps']} steps")
     # quick mode checks the plumbing with dynamo's eager backend (no C++ compilation in the test suite)
     comp = compiled(steps=3 if quick else 20, repeats=1 if quick else 15, backend="eager" if quick else "inductor")
     print_table(comp["rows"], f"Compiled vs eager network (first walks, compiling: {comp['first_walks_s']:.1f} s)")
@@ -487,6 +578,7 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
         "per_step": step,
         "per_step_large": big,
         "default_path": default,
+        "large_latents": large,
         "compiled": comp,
         "end_to_end": e2e,
         "memory": mem,

@@ -102,9 +102,12 @@ def test_speed_quick_through_the_command_line(tmp_path, capsys):
     assert {r["solver"] for r in data["end_to_end"]["rows"]} == {"DDIM", "BDIA-DDIM", "EDICT"}
     if "rows" in data["memory"]:
         assert all(math.isfinite(r["peak MB"]) for r in data["memory"]["rows"])
-    for d in data["default_path"]:  # the default call, flags untouched, at both pinned sizes
-        assert {r["per step"] for r in d["rows"]} >= {"bdia.sample, BDIA(DDIM()), default flags"}
-    assert [d["shape"] for d in data["default_path"]] == [[4, 4, 64, 64], [1, 4, 128, 128]]
+    for d in data["default_path"]:  # the default calls, flags untouched, at both pinned sizes and two step counts
+        names = {r["per step"] for r in d["rows"]}
+        assert names >= {"bdia.sample, BDIA(DDIM()), default flags", "bdia.invert of that sample, default flags"}
+        assert {r["walk"] for r in d["fixed"]} >= {"bdia.sample, BDIA(DDIM()), default flags"}
+        assert all(math.isfinite(r["fixed us"]) for r in d["fixed"])
+    assert [d["shape"] for d in data["default_path"]] == [[4, 4, 64, 64], [1, 16, 128, 128]]
     assert len(data["compiled"]["rows"]) == 2
 
 
@@ -143,6 +146,15 @@ def test_diffusers_quick(tmp_path):
     assert out["per_step"]["gamma0_vs_ddim_max_rel"] < 1e-5  # gamma = 0 is DDIMScheduler's walk, to rounding
     runs = {r["run"] for r in out["end_to_end"]["rows"]}
     assert {"pipeline, DDIMScheduler", "pipeline, BDIAScheduler gamma=1", "bdia.diffusers.sample gamma=1"} == runs
+    assert {r["family"] for r in out["families"]} == {"SD 1.5", "SDXL", "SD3", "Flux"}
+    for r in out["families"]:
+        approximate = next(v for k, v in r.items() if k.endswith("inversion: image -> sample vs encode (float32)"))
+        assert r["image -> invert -> sample vs encode (float64)"] < 1e-9, r  # exact but for float64 rounding
+        assert approximate > 100 * r["image -> invert -> sample vs encode (float32)"], r  # the users' inversion
+        # BDIA reconstructs what the VAE alone reconstructs: the walk adds nothing to the VAE's own loss
+        assert r["PSNR BDIA (invert -> sample -> decode) dB"] == pytest.approx(
+            r["PSNR VAE only (encode -> decode) dB"], abs=0.01
+        )
 
 
 def test_throughput_quick(tmp_path):
@@ -178,3 +190,21 @@ def test_rounding_quick(tmp_path):
             assert 1e-2 < r["ratio measured / predicted"] < 10, r
         if r["default"] == "refused":
             assert r["measured"] > 1e-3, r  # what is refused by default really is off by more than 0.1%
+
+
+def test_the_gpu_command_runs_dry_on_the_cpu(tmp_path):
+    """``python -m benchmarks gpu`` without CUDA: the dry mode (tiny sizes, CUDA tests collected, no graph capture)
+    writes the one JSON with every section."""
+    pytest.importorskip("diffusers")
+    from benchmarks import gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the command runs for real there")
+    out = gpu.run(quick=True, results_dir=tmp_path / "results", img_dir=tmp_path / "img")
+    data = json.loads((tmp_path / "results" / "gpu.json").read_text())
+    assert data["dry"] is True and out["tests"]["returncode"] == 0 and "collected" in out["tests"]["summary"]
+    assert out["cuda_graph"] == {"skipped": "no CUDA device"}
+    assert {r["per step"] for r in out["default_path"][0]["rows"]} >= {"bdia.sample, BDIA(DDIM()), default flags"}
+    rows = {r["dtype"]: r for r in out["sd15_unet"]["rows"]}
+    assert rows["float32"]["round trip (noise -> sample -> invert)"] < 1e-4
+    assert gpu.sd15_unet_config()["block_out_channels"] == (320, 640, 1280, 1280)

@@ -523,7 +523,7 @@ def test_errors(unet):
     assert BDIAScheduler.from_config(karras.config, use_karras_sigmas=False).config.beta_end == 0.012
     # a pair from another grid, or the wrong latent of a right pair
     pair = State(noise_like(seed=4), x, 901.0, 801.0)
-    with pytest.raises(ValueError, match="not two consecutive points"):
+    with pytest.raises(ValueError, match="do not continue this grid"):
         sched.set_timesteps(20, state=pair)
     sched.set_timesteps(10, state=pair)
     with pytest.raises(ValueError, match="pair's latent"):
@@ -537,3 +537,16 @@ def test_errors(unet):
     z = inv.step(out, 801, pair.x_prev).prev_sample
     with pytest.raises(ValueError, match="noisiest"):
         inv.step(out, 901, z)
+
+
+def test_the_package_keeps_the_modules_names():
+    """bdia.diffusers became a package (adapters, schedulers, pipelines, tiny): every public name of the module it
+    was stays importable from it, and each lives in the submodule of its concept."""
+    import bdia.diffusers as package
+
+    was = ["BDIAInverseScheduler", "BDIAScheduler", "BDIASchedulerOutput", "invert", "model_from", "sample"]
+    was += ["schedule_from", "timesteps_from", "tiny_pipeline"]
+    assert all(hasattr(package, name) for name in was) and set(was) <= set(package.__all__)
+    homes = {"adapters": "model_from", "schedulers": "BDIAScheduler", "pipelines": "invert", "tiny": "tiny_pipeline"}
+    for module, name in homes.items():
+        assert getattr(package, name).__module__ == f"bdia.diffusers.{module}"

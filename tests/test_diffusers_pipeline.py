@@ -14,7 +14,16 @@ pytest.importorskip("transformers")
 
 import bdia  # noqa: E402
 from bdia import State  # noqa: E402
-from bdia.diffusers import BDIAScheduler, invert, model_from, sample, timesteps_from, tiny_pipeline  # noqa: E402
+from bdia.diffusers import (  # noqa: E402
+    BDIAScheduler,
+    encode,
+    invert,
+    model_from,
+    sample,
+    timesteps_from,
+    tiny_flux_pipeline,
+    tiny_pipeline,
+)
 from bdia.solvers import BDIA, DDIM  # noqa: E402
 from tests.test_diffusers import Extent  # noqa: E402
 
@@ -99,7 +108,7 @@ def test_edit_a_real_image(pipe):
     rounding; under another prompt: another image. Partial inversion by strength continues where it stopped."""
     pipe.scheduler = bdia_scheduler(pipe)
     image = run(pipe, pipe.scheduler, noise(seed=3)[:1], 10, prompt="a cow")[0]
-    latent = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.mode() * pipe.vae.config.scaling_factor
+    latent = encode(pipe, image)  # the VAE's posterior mean, scaled as the pipeline scales it
     extent = Extent(pipe.scheduler.schedule)
     kw = dict(num_inference_steps=20, guidance_scale=3.0)
     z = invert(pipe, image, prompt="a cow", callback=extent, **kw)
@@ -164,7 +173,9 @@ def test_img2img_and_save_load(pipe, tmp_path):
 
 
 def readme_stand_ins() -> dict:
-    """What the README's "With diffusers" section takes as the user's: a pipeline, a prompt, noise, embeddings."""
+    """What the README's "With diffusers" section takes as the user's: pipelines (Stable Diffusion, Flux), a prompt,
+    noise, embeddings."""
     pipe = tiny_pipeline(seed=0)
     embeds = pipe.encode_prompt("a cat", "cpu", 1, False)[0]
-    return {"pipe": pipe, "prompt": "a cat", "start": noise()[:1], "prompt_embeds": embeds}
+    flux = tiny_flux_pipeline(seed=0)
+    return {"pipe": pipe, "flux": flux, "prompt": "a cat", "start": noise()[:1], "prompt_embeds": embeds}
