@@ -138,8 +138,16 @@ class BDIA:
         _check_integrator(self.backward, "backward")
         self.gamma = as_gamma(gamma)
         self.nfe = self.integrator.nfe + self.backward.nfe - 1
-        symmetric = self.gamma.constant == 1.0 and type(self.backward) is type(self.integrator)
-        obelm = getattr(self.gamma, "fn", None) is obelm_gamma
+        # the same map both ways: the same step function, or (BDIA uses an affine map's coefficients alone) the same
+        # coefficients (DDIMInverse's are DDIM's)
+        same = type(self.backward) is type(self.integrator) or (
+            self.affine and type(self.integrator).coefficients is type(self.backward).coefficients
+        )
+        symmetric = self.gamma.constant == 1.0 and same
+        fn = getattr(self.gamma, "fn", None)
+        # O-BELM's gamma (published or bounded) cancels the leading error of a single-evaluation step (measured: DDIM,
+        # Euler); over a multi-stage integrator with a first-order backward step it does not
+        obelm = (fn is obelm_gamma or isinstance(fn, BoundedOBELM)) and self.affine
         # The correction gamma (x_prev - Phi_b(x)) carries the backward step's local error: the scheme keeps the
         # lower of the two orders, except the symmetric gamma = 1 scheme and O-BELM, where the leading errors cancel
         if self.gamma.constant == 0.0:
@@ -195,8 +203,8 @@ class BDIA:
         into a ``Model``'s parametrisation where the model offers ``prepare``. The same bits as ``step`` and
         ``unstep``: the same numbers, applied by the same kernel. Over a multi-stage integrator (Heun), whose F is
         no fixed combination, the plan is its own steps."""
-        if not self.affine:
-            return Stepping(self, model, walk, forward)
+        if not self.affine or any(getattr(type(self), m) is not getattr(BDIA, m) for m in _DEFINITION):
+            return Stepping(self, model, walk, forward)  # (a subclass that redefines a step walks by its own)
         return _Plan(self, model, walk, forward, like)
 
     @property
@@ -221,6 +229,9 @@ class BDIA:
 
     def __repr__(self) -> str:
         return f"BDIA({self.integrator!r}, gamma={self.gamma!r}, backward={self.backward!r})"
+
+
+_DEFINITION = ("init", "step", "unstep", "drift", "coefficients")  # what BDIA's plan computes in advance
 
 
 class _Plan:

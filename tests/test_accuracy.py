@@ -57,20 +57,7 @@ EXTRA = {
     "bdia-0.94": (BDIA(DDIM(), gamma=0.94), 1),
 }
 # declared orders the measurement contradicts, pinned so that their fix turns the test red (strict)
-KNOWN = {
-    "BDIA(DDIMInverse(), gamma=1.0, backward=DDIM())": (
-        "BDIA's symmetric case asks type(backward) is type(integrator); DDIMInverse's first_order is DDIM, so "
-        "BDIA(DDIMInverse()) at gamma = 1 (BDIA-DDIM: it uses only the coefficients) declares 1 and measures 2"
-    ),
-    "BDIA(DDIM(), gamma=BoundedOBELM(max_root=1.0), backward=DDIM())": (
-        "BDIA recognises O-BELM's second order only for gamma=obelm_gamma, not for BoundedOBELM (OBELM(max_root=) "
-        "sets it by hand): it declares 1 and measures 2"
-    ),
-    "BDIA(ScaledHeun(), gamma=obelm_gamma, backward=DDIM())": (
-        "BDIA gives O-BELM's gamma order max(2, integrator.order) whatever the integrator, but O-BELM's cancellation "
-        "is DDIM's: over ScaledHeun with a DDIM backward step it measures 1"
-    ),
-}
+KNOWN: dict[str, str] = {}  # solvers whose declared order a measurement contradicts (strict xfails): none
 
 
 def _declared() -> list:

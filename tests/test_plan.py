@@ -178,3 +178,20 @@ def test_plans_serve_threads():
     for t in threads:
         t.join()
     assert all(same_bits(a, b) for a, b in zip(results, serial, strict=True))
+
+
+def test_a_subclass_that_redefines_a_step_is_walked_by_its_own_steps():
+    """The plan computes BDIA's own step in advance; a subclass that changes ``step`` must be walked by it."""
+    calls = []
+
+    class Logged(BDIA):
+        def step(self, model, state, t_next, **kw):
+            if model is walked:  # (not the amplification's probe of the solver)
+                calls.append(t_next)
+            return super().step(model, state, t_next, **kw)
+
+    model = walked = routes("sd")["Model epsilon"]
+    ts = grid("sd", 6)
+    x = torch.randn(2, 6, dtype=torch.float64)
+    out = bdia.sample(model, x, ts, Logged(DDIM()))
+    assert calls == ts.tolist()[2:] and torch.equal(out.x, bdia.sample(model, x, ts, BDIA(DDIM())).x)
