@@ -205,10 +205,14 @@ def _run(w: _Walk) -> State:
         reuse = recorder is None and not w.grad and state.x.numel() * state.x.element_size() >= _REUSE_BYTES
         owned_prev, owned_x = False, k == 1 and not isinstance(w.x, State)
         scratch = None
+        run = getattr(plan, "run", None)
+        if run is not None and not watch and not w.progress and not stop and k < n:
+            # nothing to see between steps: the plan runs them in one loop of its own
+            state, reached = run(model, state, k + 1, kw, reuse, (owned_prev, owned_x)), n
         # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
         bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if w.progress else None
         with bar or contextlib.nullcontext():
-            for j in range(k + 1, n + 1):
+            for j in range(reached + 1, n + 1):
                 if stop:
                     break
                 if recorder is not None:

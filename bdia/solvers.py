@@ -293,21 +293,55 @@ class _Plan:
         else:
             output = getattr(model, "output", None)  # (None where a Model subclass processes its prediction)
             if lead is not None and output is not None and not x.requires_grad:
-                # gamma = 1 on a Model: the network, then two passes over memory (into: a scratch tensor and the
-                # dropped latent, which the walk owns)
-                out = output(x, ready, kw)
-                s, r, out_leads = lead
-                scratch, dead = (None, None) if into is None else into
-                T = torch.add(out, x, alpha=r, out=scratch) if out_leads else torch.add(x, out, alpha=r, out=scratch)
-                result = T if dead is None else dead
-                if forward:
-                    return State(x, torch.add(state.x_prev, T, alpha=s, out=result), t, self.walk[j])
-                return State(torch.add(state.x, T, alpha=-s, out=result), x, self.walk[j], t)
+                older, newer = _unit(forward, state.x_prev, state.x, output(x, ready, kw), lead, into)
+                return State(older, newer, *((t, self.walk[j]) if forward else (self.walk[j], t)))
             F = _Drift(g, *model.predict(x, ready, **kw).factored(a, x, b, c))
         dead = None if into is None else into[1]
         if forward:
             return State(x, F.forward(state.x_prev, dead), t, self.walk[j])
         return State(F.inverse(state.x, dead), x, self.walk[j], t)
+
+    def run(self, model: Denoiser, state: State, start: int, kw: dict[str, Any], reuse: bool, owned: tuple) -> State:
+        """Steps ``start`` to the end with nothing to watch between them: the gamma = 1 steps on a Model are the
+        network call and ``_unit``'s two additions on the latents alone (no state per step); any other step is
+        ``step``. ``reuse``: write into the latents the walk owns and drops (``owned``: whether it owns the state's
+        two latents), through one scratch tensor. The same bits as ``step`` after ``step``."""
+        output = getattr(model, "output", None)
+        forward, walk, steps = self.forward, self.walk, self.steps
+        x_prev, x, t_prev, t = _pair(state, self.solver).x_prev, state.x, state.t_prev, state.t
+        owned_prev, owned_x = owned
+        scratch = torch.empty_like(x) if reuse else None
+        for j in range(start, len(walk)):
+            entry = steps[j]
+            if entry is None or entry[6] is None or output is None or x.requires_grad:
+                into = None
+                if reuse and (owned_prev if forward else owned_x):
+                    into = (scratch, x_prev if forward else x)
+                step = self.step(model, State(x_prev, x, t_prev, t), j, kw, into)
+                x_prev, x = step.x_prev, step.x
+            else:
+                dead = (x_prev if owned_prev else None) if forward else (x if owned_x else None)
+                into = (scratch, dead) if reuse and dead is not None else None
+                x_prev, x = _unit(forward, x_prev, x, output(x if forward else x_prev, entry[2], kw), entry[6], into)
+            t_prev, t = (t, walk[j]) if forward else (walk[j], t_prev)
+            owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
+        return State(x_prev, x, t_prev, t)
+
+
+def _unit(
+    forward: bool, x_prev: torch.Tensor, x: torch.Tensor, out: torch.Tensor, lead: tuple, into: tuple | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gamma = 1 step on a Model's output as ``F = s T``, ``T = out + r x`` (or ``x + r out``: ``lead``), then
+    ``x_next = x_prev + s T`` (sampling) or ``x_prev = x_next - s T`` (inverting): two ``torch.add``. ``into``:
+    ``(scratch, dead)``, where ``T`` and the result may go. Returns the new pair (sampling orientation)."""
+    s, r, out_leads = lead
+    scratch, dead = (None, None) if into is None else into
+    front = x if forward else x_prev
+    T = torch.add(out, front, alpha=r, out=scratch) if out_leads else torch.add(front, out, alpha=r, out=scratch)
+    result = T if dead is None else dead
+    if forward:
+        return x, torch.add(x_prev, T, alpha=s, out=result)
+    return torch.add(x, T, alpha=-s, out=result), x_prev
 
 
 def _split(a: float, b: float, dtype: torch.dtype) -> tuple[float, float, bool] | None:
