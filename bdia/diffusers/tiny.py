@@ -164,26 +164,34 @@ def _finish(pipe: Any, dtype: torch.dtype) -> Any:
     return pipe
 
 
+def _unet(cross_attention_dim: int, **extra: Any) -> Any:
+    """The tiny pipelines' cross-attention UNet: 4x8x8 latents, two levels of 8 and 16 channels."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        attention_head_dim=4,
+        cross_attention_dim=cross_attention_dim,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        **extra,
+    )
+
+
 def tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
     """A ``StableDiffusionPipeline`` with tiny random weights: a cross-attention ``UNet2DConditionModel``, an
     ``AutoencoderKL``, a one-layer ``CLIPTextModel`` with a letters-only tokenizer (8 tokens), and Stable Diffusion
     1.5's scheduler configuration. 16x16 images, 4x8x8 latents."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            attention_head_dim=4,
-            cross_attention_dim=16,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        )
+        unet = _unet(cross_attention_dim=16)
         vae = _vae(scaling_factor=0.18215)
         text = _clip_text(16)
     tokenizer, _ = _tokenizers()
@@ -205,21 +213,12 @@ def tiny_sdxl_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any
     text embeddings and size/crop ``time_ids``), two two-layer CLIP text encoders (the second with a projection,
     whose output is the pooled embedding; SDXL reads the penultimate layer), an ``AutoencoderKL`` and SDXL 1.0's
     scheduler configuration (``EulerDiscreteScheduler``). 16x16 images, 4x8x8 latents."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            attention_head_dim=4,
+        unet = _unet(
             cross_attention_dim=32,  # the two encoders' hidden states, concatenated
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             addition_embed_type="text_time",
             addition_time_embed_dim=4,
             projection_class_embeddings_input_dim=6 * 4 + 16,  # six time ids, and the pooled embedding
