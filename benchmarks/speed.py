@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import bdia
-from bdia.models import PREDICTIONS, Model, Prediction
+from bdia.models import PREDICTIONS, Model, Prediction, fold
 from bdia.schedules import DiscreteVP
 from bdia.solvers import BDIA, DDIM, EDICT
 from bdia.state import State
@@ -192,9 +192,8 @@ def _hand_loop(x: torch.Tensor, net, times: list[float], like: torch.Tensor):
 def _split(A: float, B: float, C: float, m: tuple) -> tuple[float, float]:
     """``A x + B x0 + C eps`` on (x, eps-network output) as ``s (out + r x)`` (the output's coefficient is the larger
     one on these grids, as for the library's own split)."""
-    a, b, c, d = m
-    cx, cv = A + B * a + C * c, B * b + C * d
-    return cx / cv, cv
+    cu, cv = fold(B, C, m)
+    return (A + cu) / cv, cv
 
 
 def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = (20, 50), device: str = "cpu") -> dict:

@@ -93,10 +93,12 @@ def _clip_text(hidden: int, layers: int = 1, projection: int | None = None) -> A
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def _t5(d_model: int) -> Any:
-    from transformers import T5Config, T5EncoderModel
+def _t5(d_model: int, umt5: bool = False) -> Any:
+    """A one-layer T5 encoder (Wan's UMT5 with ``umt5``) over the letters-only T5 vocabulary."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(
         vocab_size=30,
         d_model=d_model,
         d_ff=2 * d_model,
@@ -109,7 +111,7 @@ def _t5(d_model: int) -> Any:
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return T5EncoderModel(config)
+    return model_class(config)
 
 
 def _vae(scaling_factor: float, shift_factor: float | None = None) -> Any:
@@ -323,7 +325,6 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
     2 latent frames of 2x2; pass ``max_sequence_length=8``. (No ``Family`` describes it: drive its transformer with
     ``model_from``; its pipeline takes ``BDIAFlowMatchScheduler``.)"""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -344,20 +345,7 @@ def tiny_wan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
             qk_norm="rms_norm_across_heads",
             rope_max_seq_len=32,
         )
-        config = UMT5Config(
-            vocab_size=30,
-            d_model=16,
-            d_ff=32,
-            d_kv=4,
-            num_layers=1,
-            num_heads=2,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=16,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-        text = UMT5EncoderModel(config)
+        text = _t5(16, umt5=True)
     _, tokenizer = _tokenizers()
     pipe = WanPipeline(
         tokenizer=tokenizer,
