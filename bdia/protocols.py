@@ -13,7 +13,8 @@ checks that state once instead of every step), an ``identity`` (a string naming 
 it makes; see ``bdia.solvers.identity``) and ``plan(model, walk, forward, like)``, which turns one walk into a
 ``Plan`` computed once (``bdia.solvers.BDIA`` precomputes every step's coefficients there).
 
-A *plan* runs one walk: ``walk`` (its grid in walk order), ``amplification`` (of this walk), ``init(model, x, kw)``
+A *plan* runs one walk: ``walk`` (its grid in walk order), ``amplification`` (of this walk), ``identity`` (the
+solver's, stamped on the walk's result), ``init(model, x, kw)``
 (the first step from a lone latent at ``walk[0]``) and ``step(model, state, j, kw, into=None)`` (from ``walk[j - 1]``
 to ``walk[j]``, either direction; ``into``: ``None``, or two tensors the walk owns, ``(scratch, dead)``, a scratch
 tensor and the latent the step drops, which the step may write its intermediate and its result into).
@@ -51,6 +52,7 @@ class Plan(Protocol):
 
     walk: list[float]
     amplification: float
+    identity: str | None
 
     def init(self, model: Any, x: torch.Tensor, kw: dict[str, Any]) -> State: ...
 
@@ -61,10 +63,11 @@ class Stepping:
     """The plan of a solver that offers none: its own ``init``, ``step`` and ``unstep`` at each time of the walk,
     and its ``amplification`` of this walk."""
 
-    __slots__ = ("amplification", "forward", "solver", "walk")
+    __slots__ = ("amplification", "forward", "identity", "solver", "walk")
 
     def __init__(self, solver: Any, model: Any, walk: list[float], forward: bool):
         self.solver, self.walk, self.forward = solver, walk, forward
+        self.identity = getattr(solver, "identity", None)
         self.amplification = solver.amplification(model.schedule, walk if forward else walk[::-1], forward)
 
     def init(self, model: Any, x: torch.Tensor, kw: dict[str, Any]) -> State:

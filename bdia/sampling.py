@@ -188,47 +188,16 @@ def _run(w: _Walk) -> State:
             else None
         )
         watch = recorder is not None or (check is not None and check.every_step)  # (else nothing to do per step)
-
-        def after(j: int) -> bool:
-            """Record and report the step that reached ``walk[j]``; True: the callback stops the walk."""
-            if check is not None:
-                check.record(j, state, forward)
-            if recorder is None:
-                return False
-            step = Step(j, walk[j - 1], walk[j], _facing(state, forward), *recorder.first)
-            return _stops(w.callback(step))
-
-        reached = k
-        stop = watch and k == 1 and not isinstance(w.x, State) and after(1)
         # a walk that owns its latents and shows them to no one writes each step into the latent it drops (large
         # latents only: there a fresh tensor is a fresh memory mapping; smaller ones come from the allocator's cache)
         reuse = recorder is None and not w.grad and state.x.numel() * state.x.element_size() >= _REUSE_BYTES
         owned_prev, owned_x = False, k == 1 and not isinstance(w.x, State)
-        scratch = None
         run = getattr(plan, "run", None)
-        if run is not None and not watch and not w.progress and not stop and k < n:
+        if run is not None and not watch and not w.progress and k < n:
             # nothing to see between steps: the plan runs them in one loop of its own
             state, reached = run(model, state, k + 1, kw, reuse, (owned_prev, owned_x)), n
-        # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
-        bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if w.progress else None
-        with bar or contextlib.nullcontext():
-            for j in range(reached + 1, n + 1):
-                if stop:
-                    break
-                if recorder is not None:
-                    recorder.first = None
-                into = None
-                if reuse and (owned_prev if forward else owned_x):
-                    if scratch is None:
-                        scratch = torch.empty_like(state.x)
-                    into = (scratch, state.x_prev if forward else state.x)
-                state = plan.step(model, state, j, kw, into)
-                owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
-                reached = j
-                if bar is not None:
-                    bar.update()
-                if watch:
-                    stop = after(j)
+        else:
+            state, reached = _watched(w, plan, state, k, recorder, check, reuse, (owned_prev, owned_x))
     if check is not None:
         j = check.failed(state, forward)
         if j == -1:
@@ -238,10 +207,54 @@ def _run(w: _Walk) -> State:
         if j is not None:
             raise check.error(j, state)
     before = w.x.grid if isinstance(w.x, State) else None
-    return stamp(_facing(state, forward), walk[: reached + 1], w.solver, before=before)
+    made_by = getattr(plan, "identity", None)  # (computed once with the plan)
+    if made_by is None:
+        made_by = getattr(w.solver, "identity", None)
+    return _stamp(_facing(state, forward), walk[: reached + 1], made_by, before, on_walk=True)
 
 
 _REUSE_BYTES = 1 << 22
+
+
+def _watched(w: _Walk, plan: Plan, state: State, k: int, recorder, check, reuse: bool, owned: tuple) -> tuple:
+    """The walk's steps one by one from ``walk[k]``, each reported to the callback, the progress bar and the finite
+    check; returns the last state and the index of the grid time it reached (a callback may stop the walk)."""
+    walk, forward, kw, n = plan.walk, w.forward, w.kw, len(plan.walk) - 1
+    model = recorder or w.model
+
+    def after(j: int) -> bool:
+        """Record and report the step that reached ``walk[j]``; True: the callback stops the walk."""
+        if check is not None:
+            check.record(j, state, forward)
+        if recorder is None:
+            return False
+        step = Step(j, walk[j - 1], walk[j], _facing(state, forward), *recorder.first)
+        return _stops(w.callback(step))
+
+    reached = k
+    stop = k == 1 and not isinstance(w.x, State) and after(1)
+    owned_prev, owned_x = owned
+    scratch = None
+    # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
+    bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if w.progress else None
+    with bar or contextlib.nullcontext():
+        for j in range(reached + 1, n + 1):
+            if stop:
+                break
+            if recorder is not None:
+                recorder.first = None
+            into = None
+            if reuse and (owned_prev if forward else owned_x):
+                if scratch is None:
+                    scratch = torch.empty_like(state.x)
+                into = (scratch, state.x_prev if forward else state.x)
+            state = plan.step(model, state, j, kw, into)
+            owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
+            reached = j
+            if bar is not None:
+                bar.update()
+            stop = after(j)
+    return state, reached
 
 
 def _begin(w: _Walk, model: Denoiser, init: bool = True) -> _Start:
@@ -250,18 +263,22 @@ def _begin(w: _Walk, model: Denoiser, init: bool = True) -> _Start:
     or strength, a non-finite input (``check_finite``), a state that does not continue the grid or was made by
     another solver (``locate``), and a walk whose amplification of rounding exceeds ``max_amplification``. With
     ``init=False`` a lone latent is validated but not stepped (``state`` is then ``None``, ``k`` 0)."""
-    _check_model(model)
-    _check_solver(w.solver)
-    grid = cut(check_grid(w.ts, model.schedule), w.strength)
-    walk = grid if w.forward else grid[::-1]
+    key, plan = _kept(w, model)
+    if plan is None:
+        _check_model(model)
+        _check_solver(w.solver)
+        grid = cut(check_grid(w.ts, model.schedule), w.strength)
+        walk = grid if w.forward else grid[::-1]
     given = w.x if isinstance(w.x, State) else None
     latent = check_state(given, "x").x if given is not None else check_latent(w.x)
     if w.check_finite and not _finite(*([given.x_prev, given.x] if given is not None else [latent])):
         raise FloatingPointError("non-finite values (NaN or inf) in the input x")
-    plan = _plan(model, w.solver, walk, w.forward, latent)
+    if plan is None:
+        plan = _plan(model, w.solver, walk, w.forward, latent, key)
+    walk = plan.walk
     _check_amplification(plan.amplification, w.solver, w.forward, latent.dtype, w.max_amplification)
     if given is not None:
-        state, k = locate(given, walk, w.solver, name="x (a bdia.State)")
+        state, k = _position(given, walk, w.solver, "x (a bdia.State)")  # (validated above)
         if k > 1:
             raise ValueError(
                 f"x (a bdia.State) holds times that do not continue this grid from its start: it sits at t = "
@@ -272,7 +289,7 @@ def _begin(w: _Walk, model: Denoiser, init: bool = True) -> _Start:
         return _Start(plan, None, 0)  # type: ignore[arg-type]
     if given is None:
         # (a pair solver's first step reaches walk[1]; coupled copies start where the latent is, at walk[0])
-        state, k = locate(plan.init(model, latent, w.kw), walk, name="the solver's first step")
+        state, k = _position(plan.init(model, latent, w.kw), walk, None, "the solver's first step")
     return _Start(plan, state, k)
 
 
@@ -321,8 +338,12 @@ def locate(state: State, walk: list[float], solver: object | None = None, *, nam
     ``bdia.solvers.identity``), a state made by another scheme or on a grid whose recorded way ahead differs from the
     walk's (e.g. another step count of a grid family that shares its last two points).
     """
-    check_state(state, name)
-    s = state.flipped() if state.t_prev < state.t else state
+    return _position(check_state(state, name), walk, solver, name)
+
+
+def _position(state: State, walk: list[float], solver: object | None, name: str) -> tuple[State, int]:
+    """``locate`` of a state already validated (``check_state``), or made by the walk's own plan."""
+    s = _facing(state, state.t_prev > state.t)
     forward = len(walk) < 2 or walk[0] > walk[1]
     front, behind = (s.t, s.t_prev) if forward else (s.t_prev, s.t)
     k = walk.index(front) if front in walk else -1
@@ -361,9 +382,15 @@ def stamp(state: State, walked: list[float], solver: object, *, before: tuple[fl
     """``state`` (as a walk reports it) with its provenance: the times walked merged into ``state.grid`` (and into
     ``before``, the grid of the state the walk started from), and ``state.solver`` the solver's identity
     (``bdia.solvers.identity``; None for a one-step integrator)."""
-    identity = getattr(solver, "identity", None)
+    return _stamp(state, walked, getattr(solver, "identity", None), before)
+
+
+def _stamp(
+    state: State, walked: list[float], identity: str | None, before: tuple[float, ...] | None, on_walk: bool = False
+) -> State:
+    """``stamp`` with the solver's identity given (``on_walk``: the state's times are known to be times walked)."""
     ordered = walked if len(walked) < 2 or walked[0] > walked[1] else walked[::-1]  # noisiest first
-    if state.grid is None and before is None and state.t in ordered and state.t_prev in ordered:
+    if state.grid is None and before is None and (on_walk or (state.t in ordered and state.t_prev in ordered)):
         grid = tuple(ordered)  # (a walk from a lone latent: nothing to merge)
     else:
         grid = tuple(sorted({*walked, state.t, state.t_prev, *(state.grid or ()), *(before or ())}, reverse=True))
@@ -378,33 +405,59 @@ def _show(times: list[float]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- plans
 
-_PLANS: OrderedDict[tuple, tuple[weakref.ref, Plan]] = OrderedDict()
+_PLANS: OrderedDict[tuple, tuple[weakref.ref, weakref.ref, Plan]] = OrderedDict()
 _PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 32
 
 
-def _plan(model: Denoiser, solver: Any, walk: list[float], forward: bool, like: torch.Tensor) -> Plan:
-    """The solver's plan for this walk (``solver.plan``, else its own steps), kept for the next walk with the same
-    model, solver, grid, direction and kind of latent when the solver says its plans stay valid (``cacheable``): the
-    one cache of the walk, bounded, keyed by identity (a plan holds no reference to the model)."""
-    make = getattr(solver, "plan", None)
+def _kept(w: _Walk, model: Denoiser) -> tuple[tuple | None, Plan | None]:
+    """The key of this walk's plan, and the plan kept for it by an earlier walk (``None`` if none is).
+
+    The key is the walk as given: the model and the solver (by identity; and the model's schedule), the grid's times,
+    the strength, the direction and the kind of latent (batch, dimensions, dtype, device). A kept plan was made by a
+    walk that validated all of them, so a walk that finds one skips those checks: the one cache of the walk, bounded,
+    holding no reference to the model; only for solvers whose plans stay valid (``cacheable``). ``None`` for a key
+    where anything is not as a validated walk's (the walk then validates it and refuses)."""
+    like = w.x.x if isinstance(w.x, State) else w.x
+    ts = w.ts
+    if (
+        not getattr(w.solver, "cacheable", False)
+        or not isinstance(like, torch.Tensor)
+        or like.dim() == 0
+        or not isinstance(ts, torch.Tensor)
+        or ts.dtype != torch.float64
+        or ts.dim() != 1
+    ):
+        return None, None
     base = model.model if isinstance(model, _FirstEvaluation) else model
-    key = None
-    if getattr(solver, "cacheable", False):
-        key = (id(base), id(solver), tuple(walk), forward, like.shape[0], like.dim(), like.dtype, like.device)
-        with _PLANS_LOCK:
-            hit = _PLANS.get(key)
-            if hit is not None and hit[0]() is base and hit[1].solver is solver:
-                _PLANS.move_to_end(key)
-                return hit[1]
+    strength = w.strength  # (with its type: True == 1.0 as a key, but True is refused as a strength)
+    key = (id(base), id(w.solver), tuple(ts.tolist()), type(strength), strength, w.forward, like.shape[0],
+           like.dim(), like.dtype, like.device)  # fmt: skip
+    hit = _PLANS.get(key)  # (reads need no lock: one dict operation each; writers hold it)
+    if hit is None or hit[0]() is not base or hit[1]() is not getattr(base, "schedule", None):
+        return key, None
+    if hit[2].solver is not w.solver:
+        return key, None
+    with contextlib.suppress(KeyError):  # (another thread may have just dropped it)
+        _PLANS.move_to_end(key)
+    return key, hit[2]
+
+
+def _plan(
+    model: Denoiser, solver: Any, walk: list[float], forward: bool, like: torch.Tensor, key: tuple | None
+) -> Plan:
+    """The solver's plan for this walk (``solver.plan``, else its own steps), kept under ``key`` (``_kept``) for the
+    next walk with the same model, solver, grid, direction and kind of latent."""
+    make = getattr(solver, "plan", None)
     plan = make(model, walk, forward, like) if make is not None else Stepping(solver, model, walk, forward)
     if key is not None:
+        base = model.model if isinstance(model, _FirstEvaluation) else model
         try:
-            ref = weakref.ref(base)
-        except TypeError:  # a denoiser that cannot be weakly referenced is not cached
+            refs = weakref.ref(base), weakref.ref(base.schedule)
+        except TypeError:  # a denoiser or schedule that cannot be weakly referenced is not cached
             return plan
         with _PLANS_LOCK:
-            _PLANS[key] = (ref, plan)
+            _PLANS[key] = (*refs, plan)
             while len(_PLANS) > _MAX_PLANS:
                 _PLANS.popitem(last=False)
     return plan
@@ -585,6 +638,8 @@ def limits(dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _check_amplification(a: float, solver: Solver, forward: bool, dtype: torch.dtype, limit: float | None) -> None:
+    if limit is None and a <= 16.0:
+        return  # (every default threshold is at least 16)
     refuse, warn = limits(dtype)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit >= 1:

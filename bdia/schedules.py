@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -67,10 +68,13 @@ def check_grid(ts: torch.Tensor, schedule: Schedule | None = None, name: str = "
     if ts.dim() != 1 or ts.numel() < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 times, got shape {tuple(ts.shape)}")
     times = ts.tolist()
-    if not all(math.isfinite(t) for t in times):
-        raise ValueError(f"{name} contains non-finite times: {times}")
-    if not all(a > b for a, b in itertools.pairwise(times)):
+    # (NaN fails every comparison, so a strictly decreasing grid can hold an infinity only at an end)
+    if not all(map(operator.gt, times, itertools.islice(times, 1, None))):
+        if not all(map(math.isfinite, times)):
+            raise ValueError(f"{name} contains non-finite times: {times}")
         raise ValueError(f"{name} must be strictly decreasing (noisiest first), got {times}")
+    if not (math.isfinite(times[0]) and math.isfinite(times[-1])):
+        raise ValueError(f"{name} contains non-finite times: {times}")
     if schedule is not None and not (schedule.t_min <= times[-1] and times[0] <= schedule.t_max):
         raise ValueError(
             f"{name} spans [{times[-1]}, {times[0]}], outside {type(schedule).__name__}'s range "

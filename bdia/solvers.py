@@ -241,7 +241,7 @@ class _Plan:
     step is the network call and two ``torch.add``. The first step from a lone latent (``init``) likewise. Immutable:
     one plan serves many walks and threads."""
 
-    __slots__ = ("amplification", "first", "forward", "solver", "steps", "walk")
+    __slots__ = ("amplification", "first", "forward", "identity", "solver", "steps", "walk")
 
     def __init__(self, solver: BDIA, model: Denoiser, walk: list[float], forward: bool, like: torch.Tensor):
         schedule = model.schedule
@@ -268,6 +268,7 @@ class _Plan:
             cu, cv = fold(B, C, ready.m)
             self.first = (ready, _split(A + cu, cv, like.dtype))
         self.solver, self.walk, self.forward, self.steps = solver, walk, forward, steps
+        self.identity = solver.identity
         times = walk if forward else walk[::-1]
         self.amplification = solver.amplification(schedule, times, forward)
 
@@ -309,22 +310,25 @@ class _Plan:
         output = getattr(model, "output", None)
         forward, walk, steps = self.forward, self.walk, self.steps
         x_prev, x, t_prev, t = _pair(state, self.solver).x_prev, state.x, state.t_prev, state.t
+        # (out= is refused on tensors that autograd records; without a graph every gamma = 1 step takes _unit)
+        recording = torch.is_grad_enabled()
         owned_prev, owned_x = owned
-        scratch = torch.empty_like(x) if reuse else None
+        scratch, into = (torch.empty_like(x) if reuse else None), None
         for j in range(start, len(walk)):
             entry = steps[j]
-            if entry is None or entry[6] is None or output is None or x.requires_grad:
-                into = None
-                if reuse and (owned_prev if forward else owned_x):
-                    into = (scratch, x_prev if forward else x)
+            if entry is None or entry[6] is None or output is None or (recording and x.requires_grad):
+                mine = reuse and (owned_prev if forward else owned_x)
+                into = (scratch, x_prev if forward else x) if mine else None
                 step = self.step(model, State(x_prev, x, t_prev, t), j, kw, into)
                 x_prev, x = step.x_prev, step.x
             else:
-                dead = (x_prev if owned_prev else None) if forward else (x if owned_x else None)
-                into = (scratch, dead) if reuse and dead is not None else None
+                if reuse:
+                    dead = (x_prev if owned_prev else None) if forward else (x if owned_x else None)
+                    into = None if dead is None else (scratch, dead)
                 x_prev, x = _unit(forward, x_prev, x, output(x if forward else x_prev, entry[2], kw), entry[6], into)
             t_prev, t = (t, walk[j]) if forward else (walk[j], t_prev)
-            owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
+            if reuse:
+                owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
         return State(x_prev, x, t_prev, t)
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import math
+import operator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -226,13 +227,15 @@ def check_state(s: State, name: str = "state") -> State:
         raise TypeError(f"{name} must be a bdia.State, got {type(s).__name__}")
     check_latent(s.x, f"{name}.x")
     check_latent(s.x_prev, f"{name}.x_prev")
-    for what in ("shape", "dtype", "device"):
-        a, b = getattr(s.x_prev, what), getattr(s.x, what)
-        if a != b:
-            raise ValueError(f"{name}.x_prev and {name}.x must share {what}: got {a} and {b}")
-    for what in ("t_prev", "t"):
-        if not isinstance(getattr(s, what), float):
-            raise TypeError(f"{name}.{what} must be a python float, got {type(getattr(s, what)).__name__}")
+    older, newer = s.x_prev, s.x
+    if older.shape != newer.shape or older.dtype != newer.dtype or older.device != newer.device:
+        for what in ("shape", "dtype", "device"):
+            a, b = getattr(older, what), getattr(newer, what)
+            if a != b:
+                raise ValueError(f"{name}.x_prev and {name}.x must share {what}: got {a} and {b}")
+    if not (isinstance(s.t_prev, float) and isinstance(s.t, float)):
+        what = "t_prev" if not isinstance(s.t_prev, float) else "t"
+        raise TypeError(f"{name}.{what} must be a python float, got {type(getattr(s, what)).__name__}")
     if not isinstance(s.coupled, bool):
         raise TypeError(f"{name}.coupled must be a bool, got {type(s.coupled).__name__}")
     if s.coupled != (s.t_prev == s.t):
@@ -242,9 +245,14 @@ def check_state(s: State, name: str = "state") -> State:
         )
     if s.grid is not None:
         g = s.grid
-        if not isinstance(g, tuple) or not all(type(t) is float and math.isfinite(t) for t in g):
+        # (a sum of finite floats is finite unless it passes 1e308: only then is each time looked at)
+        if (
+            not isinstance(g, tuple)
+            or not set(map(type, g)) <= {float}
+            or not (math.isfinite(sum(g)) or all(map(math.isfinite, g)))
+        ):
             raise TypeError(f"{name}.grid must be None or a tuple of finite python floats (noisiest first)")
-        if not all(a > b for a, b in itertools.pairwise(g)) or s.t not in g or s.t_prev not in g:
+        if not all(map(operator.gt, g, itertools.islice(g, 1, None))) or s.t not in g or s.t_prev not in g:
             raise ValueError(
                 f"{name}.grid must be strictly decreasing and hold the state's own times ({s.t_prev}, {s.t})"
             )

@@ -141,16 +141,26 @@ def test_a_walk_that_writes_into_its_dropped_latents_keeps_the_bits_and_the_call
     assert all(torch.equal(a, b) for a, b in zip(keep, (start,) if forward else (start.x, start.x_prev), strict=True))
 
 
+_DEFAULTS = (False, False, None, True, None, {})  # grad, progress, callback, check_finite, max_amplification, kw
+
+
 def test_a_plan_is_kept_for_the_next_walk_but_not_for_a_changing_gamma_function():
     model = routes("sd")["Model epsilon"]
     ts = grid("sd", 8)
     noise = torch.randn(2, 6, dtype=torch.float64)
     solver = BDIA(DDIM())
-    walk = ts.tolist()
+
+    def kept(x, strength=None):
+        return sampling._kept(sampling._Walk(model, x, ts, solver, True, strength, *_DEFAULTS), model)[1]
+
     bdia.sample(model, noise, ts, solver)
-    first = sampling._plan(model, solver, walk, True, noise)
-    assert sampling._plan(model, solver, walk, True, noise) is first  # one plan for the same walk
-    assert sampling._plan(model, solver, walk, True, noise[:1]) is not first  # another batch: another plan
+    first = kept(noise)
+    assert first is not None and kept(noise) is first  # one plan for the same walk
+    assert kept(noise[:1]) is None and kept(noise, 1.0) is None  # another batch, another strength: none yet
+    bdia.sample(model, noise, ts, solver, strength=1.0)
+    assert kept(noise, True) is None  # (True == 1.0, but True is no strength: it must reach cut's refusal)
+    with pytest.raises(ValueError, match="strength"):
+        bdia.sample(model, noise, ts, solver, strength=True)
     gamma = [1.0]
     moving = BDIA(DDIM(), lambda s, tp, t, tn: gamma[0])
     a = bdia.sample(model, noise, ts, moving).x
@@ -158,6 +168,21 @@ def test_a_plan_is_kept_for_the_next_walk_but_not_for_a_changing_gamma_function(
     b = bdia.sample(model, noise, ts, moving).x  # a user's function is asked again at every walk
     assert torch.equal(a, bdia.sample(model, noise, ts, BDIA(DDIM(), 1.0)).x)
     assert torch.equal(b, bdia.sample(model, noise, ts, BDIA(DDIM(), 0.5)).x)
+
+
+def test_a_kept_plan_follows_the_models_schedule():
+    """A model whose schedule is replaced after a walk is walked on the new one (a plan's coefficients are its
+    schedule's), over a grid both schedules take."""
+    sd, flow = routes("sd")["Model epsilon"], routes("flow")["Model epsilon"]
+    ts = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.1], dtype=torch.float64)
+    noise = torch.randn(2, 6, dtype=torch.float64)
+    solver = BDIA(DDIM())
+    model = Model(sd.net, sd.schedule, "epsilon", time_dtype=torch.float64)
+    on_sd = bdia.sample(model, noise, ts, solver).x
+    model.schedule = flow.schedule
+    on_flow = bdia.sample(model, noise, ts, solver).x
+    assert torch.equal(on_flow, bdia.sample(Model(sd.net, flow.schedule, "epsilon"), noise, ts, BDIA(DDIM())).x)
+    assert not torch.equal(on_flow, on_sd)
 
 
 def test_plans_serve_threads():
