@@ -172,7 +172,7 @@ class _Reversible(torch.autograd.Function):
         else:
             state, k = walk.start, walk.k
         walk.times = [state.t_prev, *grid[k:]]  # times[i], times[i + 1]: the pair of the i-th state
-        check = _FiniteCheck(grid, solver, state.x, every_step=True)
+        check = _FiniteCheck(grid, solver, state.x)
         check.record(k, state, True)
         if walk.every is not None:
             walk.anchors[0] = state

@@ -217,11 +217,12 @@ class Model:
         step combines directly)."""
         if ready.times._version != ready.version:  # the network edited its time tensor in place: build a fresh one
             ready = self.prepare(ready.t, x)
-        out = self.net(x, ready.times, **kwargs)
+        # (a walk calls this once a step: the checks are written for speed; dtypes are singletons)
+        out = self.net(x, ready.times, **kwargs) if kwargs else self.net(x, ready.times)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"net output must be a tensor shaped like x {tuple(x.shape)}, got {got}")
-        if out.dtype != x.dtype:
+        if out.dtype is not x.dtype:
             raise TypeError(f"net output dtype {out.dtype} differs from the state's {x.dtype}")
         return out
 

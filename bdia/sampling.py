@@ -178,16 +178,16 @@ def _run(w: _Walk) -> State:
         _check_model(w.model)  # (before wrapping it)
         recorder = _FirstEvaluation(w.model)
     model = recorder or w.model
-    with torch.set_grad_enabled(w.grad):
+    with _NO_CHANGE if torch.is_grad_enabled() == w.grad else torch.set_grad_enabled(w.grad):
         plan, state, k = _begin(w, model)
         walk, forward, kw = plan.walk, w.forward, w.kw
         n = len(walk) - 1
+        every = _FiniteCheck.every_step(w.solver) if w.every_step is None else w.every_step
+        # (a walk whose solver carries NaN and inf to its end checks its end only: no recorder, no per-step work)
         check = (
-            _FiniteCheck(walk, w.solver, state.x, w.every_step, replayed=w.every_step is True)
-            if w.check_finite
-            else None
+            _FiniteCheck(walk, w.solver, state.x, replayed=w.every_step is True) if w.check_finite and every else None
         )
-        watch = recorder is not None or (check is not None and check.every_step)  # (else nothing to do per step)
+        watch = recorder is not None or check is not None  # (else nothing to do per step)
         # a walk that owns its latents and shows them to no one writes each step into the latent it drops (large
         # latents only: there a fresh tensor is a fresh memory mapping; smaller ones come from the allocator's cache)
         reuse = recorder is None and not w.grad and state.x.numel() * state.x.element_size() >= _REUSE_BYTES
@@ -199,21 +199,26 @@ def _run(w: _Walk) -> State:
         else:
             state, reached = _watched(w, plan, state, k, recorder, check, reuse, (owned_prev, owned_x))
     if check is not None:
-        j = check.failed(state, forward)
-        if j == -1:
-            # the final state is not finite: replay without the callback, recording every step, to name the first
-            # failing one (the replay raises; if it does not, the model did not reproduce its output)
-            _run(w._replace(grad=False, progress=False, callback=None, every_step=True))
+        j = check.failed()
         if j is not None:
             raise check.error(j, state)
+    elif w.check_finite and not _finite(
+        *((state.x, state.x_prev) if state.coupled else (state.x if forward else state.x_prev,))
+    ):
+        # the final state is not finite: replay without the callback, recording every step, to name the first
+        # failing one (the replay raises; if it does not, the model did not reproduce its output)
+        _run(w._replace(grad=False, progress=False, callback=None, every_step=True))
+        raise _FiniteCheck(walk, w.solver, state.x).error(-1, state)
     before = w.x.grid if isinstance(w.x, State) else None
     made_by = getattr(plan, "identity", None)  # (computed once with the plan)
     if made_by is None:
         made_by = getattr(w.solver, "identity", None)
-    return _stamp(_facing(state, forward), walk[: reached + 1], made_by, before, on_walk=True)
+    walked = walk if reached == n else walk[: reached + 1]
+    return _stamp(_facing(state, forward), walked, made_by, before, on_walk=True)
 
 
 _REUSE_BYTES = 1 << 22
+_NO_CHANGE = contextlib.nullcontext()  # (reusable)
 
 
 def _watched(w: _Walk, plan: Plan, state: State, k: int, recorder, check, reuse: bool, owned: tuple) -> tuple:
@@ -414,32 +419,33 @@ def _kept(w: _Walk, model: Denoiser) -> tuple[tuple | None, Plan | None]:
     """The key of this walk's plan, and the plan kept for it by an earlier walk (``None`` if none is).
 
     The key is the walk as given: the model and the solver (by identity; and the model's schedule), the grid's times,
-    the strength, the direction and the kind of latent (batch, dimensions, dtype, device). A kept plan was made by a
+    the strength, the direction and the latent's shape, dtype and device. A kept plan was made by a
     walk that validated all of them, so a walk that finds one skips those checks: the one cache of the walk, bounded,
     holding no reference to the model; only for solvers whose plans stay valid (``cacheable``). ``None`` for a key
     where anything is not as a validated walk's (the walk then validates it and refuses)."""
     like = w.x.x if isinstance(w.x, State) else w.x
     ts = w.ts
     if (
-        not getattr(w.solver, "cacheable", False)
-        or not isinstance(like, torch.Tensor)
-        or like.dim() == 0
+        not isinstance(like, torch.Tensor)
         or not isinstance(ts, torch.Tensor)
-        or ts.dtype != torch.float64
+        or ts.dtype is not torch.float64
         or ts.dim() != 1
+        or not getattr(w.solver, "cacheable", False)
     ):
         return None, None
     base = model.model if isinstance(model, _FirstEvaluation) else model
     strength = w.strength  # (with its type: True == 1.0 as a key, but True is refused as a strength)
-    key = (id(base), id(w.solver), tuple(ts.tolist()), type(strength), strength, w.forward, like.shape[0],
-           like.dim(), like.dtype, like.device)  # fmt: skip
+    key = (id(base), id(w.solver), tuple(ts.tolist()), type(strength), strength, w.forward, like.shape, like.dtype,
+           like.device)  # fmt: skip
     hit = _PLANS.get(key)  # (reads need no lock: one dict operation each; writers hold it)
     if hit is None or hit[0]() is not base or hit[1]() is not getattr(base, "schedule", None):
         return key, None
     if hit[2].solver is not w.solver:
         return key, None
-    with contextlib.suppress(KeyError):  # (another thread may have just dropped it)
+    try:
         _PLANS.move_to_end(key)
+    except KeyError:  # (another thread has just dropped it)
+        pass
     return key, hit[2]
 
 
@@ -472,15 +478,16 @@ _HINT = (
 
 
 class _FiniteCheck:
-    """NaN or inf in a walk's latents, found without a host sync per step; ``error`` names the first failing step.
+    """NaN or inf in a walk's latents, recorded step by step without a host sync per step; ``error`` names the
+    first failing step.
 
     A solver whose walk carries every non-finite value into its final state declares ``nonfinite_persists = True``:
     each latent it makes is an affine combination that includes the latent it stepped from (a zero coefficient
     included, and IEEE arithmetic keeps NaN and inf: ``0 x inf = NaN``). BDIA, O-BELM, EDICT and the integrators do.
-    Their walk does no per-step work for the check: ``failed`` sums the final state's newest latent once (both
-    coupled copies), and a non-finite one is located by replaying the walk with a check after every step (the
-    failing walk pays for the replay; a finite one pays one reduction). Otherwise (``Exact``, whose integers do not
-    carry NaN, or a solver that does not declare it) ``record`` writes one sum of the latent each step made into a
+    Their walk does no per-step work for the check and needs no recorder (``every_step``): it sums the final state's
+    newest latent once (both coupled copies), and a non-finite one is located by replaying the walk with a recorder
+    (the failing walk pays for the replay; a finite one pays one reduction). Otherwise (``Exact``, whose integers do
+    not carry NaN, or a solver that does not declare it) ``record`` writes one sum of the latent each step made into a
     buffer preallocated on the device, through ``out=``, so that the loop allocates nothing.
 
     Sums are taken in the latent's dtype (float32 for half precision, which could overflow where the latent does
@@ -488,18 +495,19 @@ class _FiniteCheck:
     approaches.
     """
 
-    def __init__(self, walk: list[float], solver: object, like: torch.Tensor, every_step=None, *, replayed=False):
-        """``every_step``: ``None`` decides by the solver; ``replayed``: the walk replays a failing one (message)."""
+    def __init__(self, walk: list[float], solver: object, like: torch.Tensor, *, replayed: bool = False):
+        """``replayed``: the walk replays a failing one (for the message)."""
         self.walk, self.solver, self.replayed = walk, solver, replayed
-        self.every_step = not getattr(solver, "nonfinite_persists", False) if every_step is None else every_step
-        if self.every_step:
-            self.sums = torch.zeros(len(walk), 2, dtype=_sum_dtype(like), device=like.device)
-            self._dims = tuple(range(like.dim()))
+        self.sums = torch.zeros(len(walk), 2, dtype=_sum_dtype(like), device=like.device)
+        self._dims = tuple(range(like.dim()))
+
+    @staticmethod
+    def every_step(solver: object) -> bool:
+        """Whether a walk of ``solver`` must record every step (it does not declare ``nonfinite_persists``)."""
+        return not getattr(solver, "nonfinite_persists", False)
 
     def record(self, j: int, state: State, forward: bool) -> None:
         """After the step to ``walk[j]``: the latent it made (both, for coupled copies)."""
-        if not self.every_step:
-            return
         if torch.is_grad_enabled() and (state.x.requires_grad or state.x_prev.requires_grad):
             with torch.no_grad():  # a check, not part of any graph (and out= is not differentiable)
                 return self.record(j, state, forward)
@@ -508,15 +516,10 @@ class _FiniteCheck:
         if state.coupled:
             torch.sum(state.x_prev, dim=self._dims, dtype=dt, out=slot[1])
 
-    def failed(self, state: State, forward: bool = True) -> int | None:
-        """The first failing step (``state``: the walk's last); ``None`` if every latent is finite; ``-1`` if the
-        final state is not finite but the steps were not recorded (the walk must be replayed to name the step)."""
-        if self.every_step:
-            bad = ~torch.isfinite(self.sums).all(dim=1)
-            return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None  # the one host sync of the walk
-        if state.coupled:
-            return None if _finite(state.x, state.x_prev) else -1
-        return None if _finite(state.x if forward else state.x_prev) else -1
+    def failed(self) -> int | None:
+        """The first failing step, or ``None`` if every recorded latent is finite."""
+        bad = ~torch.isfinite(self.sums).all(dim=1)
+        return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None  # the one host sync of the walk
 
     def error(self, j: int, state: State) -> FloatingPointError:
         """The error naming step ``j`` (``-1``: a replay found no failing step)."""
@@ -535,8 +538,8 @@ class _FiniteCheck:
         )
 
     def raise_if_bad(self, state: State) -> None:
-        """Raise if a step was not finite (for a walk recorded step by step)."""
-        j = self.failed(state)
+        """Raise if a recorded step was not finite (``state``: the walk's last)."""
+        j = self.failed()
         if j is not None:
             raise self.error(j, state)
 
@@ -544,11 +547,16 @@ class _FiniteCheck:
 def _finite(*parts: torch.Tensor) -> bool:
     """Whether every element of ``parts`` is finite, read through one sum of sums (NaN or inf in any element makes
     it non-finite): one reduction per tensor, no full-size boolean temporary, one host sync."""
-    total = None
-    for p in parts:
-        p = p.detach() if p.requires_grad else p
-        total = p.sum(dtype=_sum_dtype(p)) if total is None else total + p.sum(dtype=_sum_dtype(p))
+    total = _sum(parts[0])
+    for p in parts[1:]:
+        total = total + _sum(p)
     return math.isfinite(float(total))
+
+
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x``'s elements, outside any graph, in its dtype (float32 for half precision: ``_sum_dtype``)."""
+    x = x.detach() if x.requires_grad else x
+    return x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32)
 
 
 def _sum_dtype(x: torch.Tensor) -> torch.dtype:

@@ -140,8 +140,7 @@ def test_the_check_is_deferred_only_for_solvers_that_declare_it():
     ts = grid("sd", 5, 0).tolist()
     like = torch.zeros(2, 4)
     for solver in (BDIA(), OBELM(), EDICT(), DDIM(), Heun(), DPMSolver2()):
-        assert not FiniteCheck(ts, solver, like).every_step
+        assert not FiniteCheck.every_step(solver)
     for solver in (EveryStep(BDIA()), Exact(BDIA())):
-        check = FiniteCheck(ts, solver, like)
-        assert check.every_step and check.sums.shape == (6, 2)
-    assert FiniteCheck(ts, BDIA(), like, every_step=True).sums.shape == (6, 2)
+        assert FiniteCheck.every_step(solver)
+    assert FiniteCheck(ts, BDIA(), like).sums.shape == (6, 2)  # one row of sums per grid point
