@@ -138,12 +138,14 @@ def _safe(f: Parametrisation, k: Coefficients) -> tuple[float, float, float, flo
 
 class Prepared(NamedTuple):
     """What ``Model`` needs at one time for one kind of latent: the network's ``(batch,)`` time tensor (with its
-    version, to see a network that edits it in place) and the 2x2 matrix from ``(x, output)`` to ``(x0, eps)``."""
+    version, to see a network that edits it in place), the 2x2 matrix from ``(x, output)`` to ``(x0, eps)``, the time
+    and the shape of the latents it serves (the network's output must have it)."""
 
     times: torch.Tensor
     version: int
     m: tuple[float, float, float, float]
     t: float
+    shape: torch.Size
 
 
 class Model:
@@ -206,20 +208,22 @@ class Model:
             raise ValueError(f"time t={t} is not an integer, so it cannot be passed as time_dtype={dtype}")
         with torch.inference_mode(False):  # a normal tensor (with a version counter), usable in and out of that mode
             times = torch.full((like.shape[0],), t, dtype=dtype, device=like.device)
-        return Prepared(times, times._version, _safe(self._param, self.schedule.at(t)), t)
+        return Prepared(times, times._version, _safe(self._param, self.schedule.at(t)), t, like.shape)
 
     def predict(self, x: torch.Tensor, ready: Prepared, **kwargs: Any) -> Prediction:
-        """The network's prediction at ``x``, with what ``prepare`` made for its time."""
+        """The network's prediction at ``x``, with what ``prepare`` made for its time and for latents like ``x``."""
+        if x.shape != ready.shape:
+            raise ValueError(f"x is shaped {tuple(x.shape)}, but ready was prepared for latents {tuple(ready.shape)}")
         return Prediction.affine(x, Model.output(self, x, ready, kwargs), ready.m)
 
     def output(self, x: torch.Tensor, ready: Prepared, kwargs: dict[str, Any]) -> torch.Tensor:
-        """The network's checked output at ``x`` (``predict`` without the ``Prediction``: what a plan's gamma = 1
-        step combines directly)."""
+        """The network's checked output at ``x``, a latent of the shape ``ready`` was prepared for (``predict``
+        without the ``Prediction``: what a plan's gamma = 1 step combines directly)."""
         if ready.times._version != ready.version:  # the network edited its time tensor in place: build a fresh one
             ready = self.prepare(ready.t, x)
         # (a walk calls this once a step: the checks are written for speed; dtypes are singletons)
         out = self.net(x, ready.times, **kwargs) if kwargs else self.net(x, ready.times)
-        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        if not isinstance(out, torch.Tensor) or out.shape != ready.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"net output must be a tensor shaped like x {tuple(x.shape)}, got {got}")
         if out.dtype is not x.dtype:

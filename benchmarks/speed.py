@@ -19,6 +19,7 @@ machine; the absolute numbers are this CPU's.
 from __future__ import annotations
 
 import ctypes
+import math
 import statistics
 import time
 from pathlib import Path
@@ -196,11 +197,15 @@ def _split(A: float, B: float, C: float, m: tuple) -> tuple[float, float]:
     return (A + cu) / cv, cv
 
 
+CHECKED = "hand loop + the finite checks: a sum of the input before, of the result after"
+
+
 def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = (20, 50), device: str = "cpu") -> dict:
     """What users call, flags untouched: ``bdia.sample(model, x, ts, BDIA(DDIM()))`` and ``bdia.invert`` of its
     result, with a free model (a network that returns a stored tensor), per step, against the hand-written loop
     (``_hand_loop``: the network and two ``torch.add`` a step), diffusers' ``DDIMScheduler.step`` looped over the
-    same grid, and ``torch.add`` (the floor: one pass over memory, one allocation), all interleaved in one run, at
+    same grid, the hand loop with the two reductions of the default finite check (``CHECKED``: the least a checked
+    walk can cost) and ``torch.add`` (the floor: one pass over memory, one allocation), all interleaved in one run, at
     two step counts. The per-walk fixed cost of a call is what its walk time keeps at zero steps, fitted from the two
     step counts (``T(N) = fixed + N per_step``), in steps of the hand loop."""
     from diffusers import DDIMScheduler
@@ -237,6 +242,16 @@ def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = 
         fns[(n, "torch.add (floor)")] = adds
         fns[(n, "diffusers DDIMScheduler.step")] = diffusers_loop
         fns[(n, "hand-written loop: the network, two torch.add")] = by_hand
+
+        def checked(by_hand=by_hand) -> None:
+            """The hand loop with the checks a default walk promises: the input's sum before any network call, the
+            result's after (the least a walk with ``check_finite`` can cost)."""
+            if not math.isfinite(float(x.sum())):
+                raise FloatingPointError("input")
+            if not math.isfinite(float(by_hand().sum())):
+                raise FloatingPointError("result")
+
+        fns[(n, CHECKED)] = checked
         fns[(n, "bdia.sample, BDIA(DDIM()), default flags")] = lambda grid=grid: bdia.sample(model, x, grid, solver)
         fns[(n, "bdia.invert of that sample, default flags")] = lambda grid=grid, s=sampled: bdia.invert(
             model, s, grid, solver
@@ -267,7 +282,12 @@ def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = 
         )
     fixed = []
     lo, hi = min(steps), max(steps)
-    for name in ("bdia.sample, BDIA(DDIM()), default flags", "bdia.invert of that sample, default flags", hand):
+    for name in (
+        "bdia.sample, BDIA(DDIM()), default flags",
+        "bdia.invert of that sample, default flags",
+        CHECKED,
+        hand,
+    ):
         for stat, d in (("median", med), ("min", low)):
             # walk times T(N) = N * per step; fit T = fixed + N slope through the two step counts
             t_lo, t_hi = d[(lo, name)] * lo, d[(hi, name)] * hi

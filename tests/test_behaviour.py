@@ -303,6 +303,10 @@ def test_exact_overflow_says_the_range_was_left_by_how_much():
         (lambda: GaussianMixture("sd", torch.zeros(2, 2)), TypeError),
         (lambda: Model(lambda x, t: x, SD, time_dtype=torch.int64)(torch.zeros(2, 3), 500.5), ValueError),
         (lambda: Model(lambda x, t: x, SD, time_dtype="float32"), TypeError),
+        (
+            lambda: (m := Model(lambda x, t: x, SD)).predict(torch.zeros(2, 3), m.prepare(500.0, torch.zeros(2, 4))),
+            ValueError,
+        ),
         (lambda: model_for("sd", None)(torch.zeros(2, 8), 500.0, label=torch.zeros(2)), TypeError),
         (lambda: digits.net()(torch.zeros(2, 1, 8, 8), torch.zeros(2), labels=torch.tensor([1.7, 2.2])), TypeError),
     ],
