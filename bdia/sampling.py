@@ -197,7 +197,40 @@ def _run(w: _Walk) -> State:
             # nothing to see between steps: the plan runs them in one loop of its own
             state, reached = run(model, state, k + 1, kw, reuse, (owned_prev, owned_x)), n
         else:
-            state, reached = _watched(w, plan, state, k, recorder, check, reuse, (owned_prev, owned_x))
+            # step by step, each step reported (written here, not in a function: the walk's first state, passed to a
+            # function, would stay referenced by this frame for the whole walk: one latent more held)
+
+            def after(j: int) -> bool:
+                """Record and report the step that reached ``walk[j]``; True: the callback stops the walk."""
+                if check is not None:
+                    check.record(j, state, forward)
+                if recorder is None:
+                    return False
+                step = Step(j, walk[j - 1], walk[j], _facing(state, forward), *recorder.first)
+                return _stops(w.callback(step))
+
+            reached = k
+            stop = k == 1 and not isinstance(w.x, State) and after(1)
+            scratch = None
+            # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
+            bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if w.progress else None
+            with bar or contextlib.nullcontext():
+                for j in range(reached + 1, n + 1):
+                    if stop:
+                        break
+                    if recorder is not None:
+                        recorder.first = None
+                    into = None
+                    if reuse and (owned_prev if forward else owned_x):
+                        if scratch is None:
+                            scratch = torch.empty_like(state.x)
+                        into = (scratch, state.x_prev if forward else state.x)
+                    state = plan.step(model, state, j, kw, into)
+                    owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
+                    reached = j
+                    if bar is not None:
+                        bar.update()
+                    stop = after(j)
     if check is not None:
         j = check.failed()
         if j is not None:
@@ -219,47 +252,6 @@ def _run(w: _Walk) -> State:
 
 _REUSE_BYTES = 1 << 22
 _NO_CHANGE = contextlib.nullcontext()  # (reusable)
-
-
-def _watched(w: _Walk, plan: Plan, state: State, k: int, recorder, check, reuse: bool, owned: tuple) -> tuple:
-    """The walk's steps one by one from ``walk[k]``, each reported to the callback, the progress bar and the finite
-    check; returns the last state and the index of the grid time it reached (a callback may stop the walk)."""
-    walk, forward, kw, n = plan.walk, w.forward, w.kw, len(plan.walk) - 1
-    model = recorder or w.model
-
-    def after(j: int) -> bool:
-        """Record and report the step that reached ``walk[j]``; True: the callback stops the walk."""
-        if check is not None:
-            check.record(j, state, forward)
-        if recorder is None:
-            return False
-        step = Step(j, walk[j - 1], walk[j], _facing(state, forward), *recorder.first)
-        return _stops(w.callback(step))
-
-    reached = k
-    stop = k == 1 and not isinstance(w.x, State) and after(1)
-    owned_prev, owned_x = owned
-    scratch = None
-    # (tqdm is built only when shown: even disabled it costs a few steps' worth of a short walk)
-    bar = tqdm(total=n, initial=k, desc="sample" if forward else "invert") if w.progress else None
-    with bar or contextlib.nullcontext():
-        for j in range(reached + 1, n + 1):
-            if stop:
-                break
-            if recorder is not None:
-                recorder.first = None
-            into = None
-            if reuse and (owned_prev if forward else owned_x):
-                if scratch is None:
-                    scratch = torch.empty_like(state.x)
-                into = (scratch, state.x_prev if forward else state.x)
-            state = plan.step(model, state, j, kw, into)
-            owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
-            reached = j
-            if bar is not None:
-                bar.update()
-            stop = after(j)
-    return state, reached
 
 
 def _begin(w: _Walk, model: Denoiser, init: bool = True) -> _Start:
