@@ -194,8 +194,11 @@ def _run(w: _Walk) -> State:
         owned_prev, owned_x = False, k == 1 and not isinstance(w.x, State)
         run = getattr(plan, "run", None)
         if run is not None and not watch and not w.progress and k < n:
-            # nothing to see between steps: the plan runs them in one loop of its own
-            state, reached = run(model, state, k + 1, kw, reuse, (owned_prev, owned_x)), n
+            # nothing to see between steps: the plan runs them in one loop of its own, taking the first state from a
+            # box (an argument stays referenced by the caller for the whole call: one latent more held)
+            box = [state]
+            del state
+            state, reached = run(model, box, k + 1, kw, reuse, (owned_prev, owned_x)), n
         else:
             # step by step, each step reported (written here, not in a function: the walk's first state, passed to a
             # function, would stay referenced by this frame for the whole walk: one latent more held)

@@ -302,14 +302,17 @@ class _Plan:
             return State(x, F.forward(state.x_prev, dead), t, self.walk[j])
         return State(F.inverse(state.x, dead), x, self.walk[j], t)
 
-    def run(self, model: Denoiser, state: State, start: int, kw: dict[str, Any], reuse: bool, owned: tuple) -> State:
-        """Steps ``start`` to the end with nothing to watch between them: the gamma = 1 steps on a Model are the
+    def run(self, model: Denoiser, box: list, start: int, kw: dict[str, Any], reuse: bool, owned: tuple) -> State:
+        """Steps ``start`` to the end with nothing to watch between them, from the state in ``box`` (taken out, so
+        that the walk's first latents are dropped as the walk moves on): the gamma = 1 steps on a Model are the
         network call and ``_unit``'s two additions on the latents alone (no state per step); any other step is
         ``step``. ``reuse``: write into the latents the walk owns and drops (``owned``: whether it owns the state's
         two latents), through one scratch tensor. The same bits as ``step`` after ``step``."""
         output = getattr(model, "output", None)
         forward, walk, steps = self.forward, self.walk, self.steps
+        state = box.pop()
         x_prev, x, t_prev, t = _pair(state, self.solver).x_prev, state.x, state.t_prev, state.t
+        del state
         # (out= is refused on tensors that autograd records; without a graph every gamma = 1 step takes _unit)
         recording = torch.is_grad_enabled()
         owned_prev, owned_x = owned

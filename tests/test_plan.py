@@ -5,6 +5,7 @@ directions, with and without the walk writing into the latents it drops."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -220,3 +221,38 @@ def test_a_subclass_that_redefines_a_step_is_walked_by_its_own_steps():
     x = torch.randn(2, 6, dtype=torch.float64)
     out = bdia.sample(model, x, ts, Logged(DDIM()))
     assert calls == ts.tolist()[2:] and torch.equal(out.x, bdia.sample(model, x, ts, BDIA(DDIM())).x)
+
+
+def _latents_alive(shape: tuple) -> int:
+    """Distinct storages of tensors shaped ``shape`` alive now."""
+    return len(
+        {o.untyped_storage().data_ptr() for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == shape}
+    )
+
+
+@pytest.mark.parametrize("watched", [False, True])
+@pytest.mark.parametrize("forward", [True, False])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_walk_holds_its_pair_and_nothing_more(monkeypatch, watched, forward, reuse):
+    """At every network call of a BDIA walk the latents alive beyond those alive before it are the pair the walk
+    continues (a scratch tensor more when it writes into the latents it drops), whatever N: nothing from its first
+    steps is kept, whether the plan runs the steps in its own loop or a callback watches each."""
+    shape = torch.Size((2, 3, 5, 7))
+    if reuse:
+        monkeypatch.setattr(sampling, "_REUSE_BYTES", 0)
+    counts: list[int] = []
+
+    def net(z, t):
+        counts.append(_latents_alive(shape))
+        return torch.full(shape, 0.1)
+
+    model, solver = Model(net, schedule("sd"), "epsilon"), BDIA(DDIM())
+    for n in (5, 20):
+        ts = grid("sd", n)
+        x = torch.randn(shape)
+        start = x if forward else bdia.sample(model, x, ts, solver)
+        counts.clear()
+        before = _latents_alive(shape)
+        walk = bdia.sample if forward else bdia.invert
+        walk(model, start, ts, solver, callback=(lambda step: None) if watched else None)
+        assert max(counts) - before <= 2 + reuse, (n, before, counts)
