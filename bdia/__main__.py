@@ -470,8 +470,9 @@ def _report(command: str, s: bdia.batch.Summary) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 done; 1 a run folder that cannot be used, or a file that
-    cannot be written, e.g. a full disk; 2 a usage error, naming the option)."""
+    """Run the command line; returns the exit status (0 done; 1 a run folder that cannot be used, a file that
+    cannot be written, e.g. a full disk, or a walk that failed once its network ran; 2 a usage error, naming the
+    option, or settings the library refused before any network call)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "demo":
         from bdia.digits import demo
@@ -510,12 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     except _Usage as e:
         print(f"bdia {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except bdia.batch.Refused as e:  # the library refused the settings or the input, before any network call
+        hint = ""
+        if getattr(a, "input", None) is not None:
+            hint = (
+                " (the input run's states record the grid and the solver that made them: leave --steps, --spacing, "
+                "--solver, --gamma and --p out to continue them with the run's own)"
+            )
+        print(f"bdia {a.command}: error: the settings were refused: {e}{hint}", file=sys.stderr)
+        return 2
     except (bdia.batch.DatasetError, OSError) as e:  # a folder that cannot be used, a disk that is full
         print(f"bdia {a.command}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, TypeError) as e:  # the library refused the settings (before any network call)
-        print(f"bdia {a.command}: error: the settings were refused: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError, FloatingPointError) as e:  # raised once the network ran: the run failed
+        print(f"bdia {a.command}: error: the run failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)

@@ -44,7 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bdia.models import Denoiser
-from bdia.sampling import invert, sample
+from bdia.sampling import check, invert, sample
 from bdia.schedules import check_grid
 from bdia.state import State, _flatten, _unflatten
 
@@ -52,6 +52,7 @@ __all__ = [
     "FORMAT",
     "Dataset",
     "DatasetError",
+    "Refused",
     "Shard",
     "Summary",
     "default_device",
@@ -78,6 +79,11 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloa
 
 class DatasetError(ValueError):
     """A run folder or input that cannot be used as asked: a manifest of another run, missing shards, bad files."""
+
+
+class Refused(ValueError):
+    """A shard's walk refused by ``bdia.sampling.check`` before any network call (its settings, or its input:
+    a state from another grid or solver, a non-finite latent); the cause is the library's own error."""
 
 
 # ------------------------------------------------------------------------------------------------ noise
@@ -965,7 +971,12 @@ def _run(
                 lo, hi = ranges[k]
                 x, conds, extra = source.read(k, lo, hi)
                 kw = {**conds, **{name: _rows(c, lo, hi) for name, c in conditions.items()}}
-                state = walk(model, x.to(device), ts, solver, **{n: v.to(device) for n, v in kw.items()})
+                x = x.to(device)
+                try:  # (what the walk refuses, told apart from what fails once the network runs)
+                    check(model, x, ts, solver, forward=walk is sample)
+                except (ValueError, TypeError, FloatingPointError) as e:
+                    raise Refused(f"shard {k} (samples {lo}..{hi - 1}): {e}") from e
+                state = walk(model, x, ts, solver, **{n: v.to(device) for n, v in kw.items()})
                 t1 = time.perf_counter()
                 _atomic_write(out / shard_name(k), _shard_bytes(run, k, lo, hi, state, kw, extra))
                 t2 = time.perf_counter()

@@ -23,6 +23,50 @@ def raising_factory(*, device, dtype):
     raise RuntimeError("no such checkpoint: /models/sd15.ckpt")
 
 
+def midway_factory(*, device, dtype):
+    """A ``--model`` factory whose network raises a ValueError at its third call, as a user's can mid-walk."""
+    import torch
+
+    from bdia.models import Model
+    from bdia.schedules import DiscreteVP
+
+    calls = []
+
+    def net(x, t):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("the attention mask does not match")
+        return torch.zeros_like(x)
+
+    return Model(net, DiscreteVP.stable_diffusion(), "epsilon")
+
+
+def nan_factory(*, device, dtype):
+    """A ``--model`` factory whose network returns NaN: the walk fails at its end, naming the step."""
+    import torch
+
+    from bdia.models import Model
+    from bdia.schedules import DiscreteVP
+
+    return Model(lambda x, t: torch.full_like(x, float("nan")), DiscreteVP.stable_diffusion(), "epsilon")
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("midway_factory", "the run failed: ValueError: the attention mask does not match"),
+        ("nan_factory", "the run failed: FloatingPointError: non-finite values (NaN or inf) produced in step 1"),
+    ],
+)
+def test_a_walk_that_fails_once_its_network_ran_exits_1_not_as_a_usage_error(tmp_path, capsys, factory, message):
+    """Exit 2 is for what is refused before any network call; an error raised by the network, or a walk that turns
+    non-finite, is the run failing (exit 1), said as such, without a traceback."""
+    argv = [*GMM, "--model", f"tests.test_cli_errors:{factory}", "--shape", "4", "--out", str(tmp_path / "out")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "settings were refused" not in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

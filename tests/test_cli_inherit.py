@@ -31,6 +31,7 @@ def test_naming_the_same_solver_keeps_its_parameter(tmp_path, capsys):
     assert main(["invert", "--input", str(s), "--gamma", "1", QUIET, "--out", str(tmp_path / "g1")]) == 2
     err = capsys.readouterr().err
     assert "gamma=0.5" in err and "BDIA(DDIM(), gamma=1.0" in err and "Traceback" not in err
+    assert "leave --steps, --spacing, --solver, --gamma and --p out" in err  # what a command-line user can do
 
 
 def test_edict_keeps_p_and_a_new_step_count_keeps_the_spacing(tmp_path, capsys):
