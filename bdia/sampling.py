@@ -244,7 +244,7 @@ def _run(w: _Walk) -> State:
         # the final state is not finite: replay without the callback, recording every step, to name the first
         # failing one (the replay raises; if it does not, the model did not reproduce its output)
         _run(w._replace(grad=False, progress=False, callback=None, every_step=True))
-        raise _FiniteCheck(walk, w.solver, state.x).error(-1, state)
+        raise _nonfinite(walk, w.solver, state, -1, False)
     before = w.x.grid if isinstance(w.x, State) else None
     made_by = getattr(plan, "identity", None)  # (computed once with the plan)
     if made_by is None:
@@ -517,26 +517,31 @@ class _FiniteCheck:
         return int(bad.nonzero()[0, 0]) if bool(bad.any()) else None  # the one host sync of the walk
 
     def error(self, j: int, state: State) -> FloatingPointError:
-        """The error naming step ``j`` (``-1``: a replay found no failing step)."""
-        g = self.walk
-        describe = getattr(self.solver, "describe_nonfinite", None)
-        hint = describe(state) if describe is not None else _HINT
-        if j < 0:
-            return FloatingPointError(
-                "non-finite values (NaN or inf) in the walk's final state, but a replay of the walk with a check "
-                f"after every step produced none: the model's output is not reproducible; {hint}"
-            )
-        how = " (located by replaying the walk with a check after every step)" if self.replayed else ""
-        return FloatingPointError(
-            f"non-finite values (NaN or inf) produced in step {j} of {len(g) - 1} (t = {g[j - 1]} -> {g[j]}){how}: "
-            f"{hint}"
-        )
+        """The error naming step ``j``."""
+        return _nonfinite(self.walk, self.solver, state, j, self.replayed)
 
     def raise_if_bad(self, state: State) -> None:
         """Raise if a recorded step was not finite (``state``: the walk's last)."""
         j = self.failed()
         if j is not None:
             raise self.error(j, state)
+
+
+def _nonfinite(walk: list[float], solver: object, state: State, j: int, replayed: bool) -> FloatingPointError:
+    """The error naming step ``j`` of ``walk`` as the first that made NaN or inf (``-1``: a replay of a walk whose
+    final state is not finite found no such step); ``state`` is the walk's last, for the solver's own hint."""
+    describe = getattr(solver, "describe_nonfinite", None)
+    hint = describe(state) if describe is not None else _HINT
+    if j < 0:
+        return FloatingPointError(
+            "non-finite values (NaN or inf) in the walk's final state, but a replay of the walk with a check "
+            f"after every step produced none: the model's output is not reproducible; {hint}"
+        )
+    how = " (located by replaying the walk with a check after every step)" if replayed else ""
+    return FloatingPointError(
+        f"non-finite values (NaN or inf) produced in step {j} of {len(walk) - 1} "
+        f"(t = {walk[j - 1]} -> {walk[j]}){how}: {hint}"
+    )
 
 
 def _finite(*parts: torch.Tensor) -> bool:
