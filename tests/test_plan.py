@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 
 import pytest
 import torch
@@ -225,9 +226,15 @@ def test_a_subclass_that_redefines_a_step_is_walked_by_its_own_steps():
 
 def _latents_alive(shape: tuple) -> int:
     """Distinct storages of tensors shaped ``shape`` alive now."""
-    return len(
-        {o.untyped_storage().data_ptr() for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.shape == shape}
-    )
+    with warnings.catch_warnings():  # (isinstance on every live object touches torch's deprecated module attributes)
+        warnings.simplefilter("ignore", FutureWarning)
+        return len(
+            {
+                o.untyped_storage().data_ptr()
+                for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and o.shape == shape
+            }
+        )
 
 
 @pytest.mark.parametrize("watched", [False, True])
