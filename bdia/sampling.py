@@ -368,7 +368,10 @@ def _position(state: State, walk: list[float], solver: object | None, name: str)
     if state.grid is not None:
         history = state.grid if forward else state.grid[::-1]
         m = history.index(front)
-        for i in range(1, min(len(history) - m, len(walk) - k)):
+        ahead = min(len(history) - m, len(walk) - k)
+        if list(history[m : m + ahead]) == walk[k : k + ahead]:
+            return s, k  # (the usual case, compared at once; else the first difference is named)
+        for i in range(1, ahead):
             if walk[k + i] != history[m + i]:
                 raise ValueError(
                     f"{name} was made on a grid whose next time after t={history[m + i - 1]} is {history[m + i]}, but "
@@ -390,8 +393,13 @@ def _stamp(
 ) -> State:
     """``stamp`` with the solver's identity given (``on_walk``: the state's times are known to be times walked)."""
     ordered = walked if len(walked) < 2 or walked[0] > walked[1] else walked[::-1]  # noisiest first
-    if state.grid is None and before is None and (on_walk or (state.t in ordered and state.t_prev in ordered)):
-        grid = tuple(ordered)  # (a walk from a lone latent: nothing to merge)
+    grid = tuple(ordered)
+    if (
+        state.grid is None
+        and (before is None or before == grid)
+        and (on_walk or (state.t in grid and state.t_prev in grid))
+    ):
+        pass  # (a walk from a lone latent, or back over the whole grid its start came from: nothing to merge)
     else:
         grid = tuple(sorted({*walked, state.t, state.t_prev, *(state.grid or ()), *(before or ())}, reverse=True))
     if type(state) is State:
