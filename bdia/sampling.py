@@ -436,7 +436,7 @@ def _kept(w: _Walk, model: Denoiser) -> tuple[tuple | None, Plan | None]:
         or not getattr(w.solver, "cacheable", False)
     ):
         return None, None
-    base = model.model if isinstance(model, _FirstEvaluation) else model
+    base = _unwrapped(model)
     strength = w.strength  # (with its type: True == 1.0 as a key, but True is refused as a strength)
     key = (id(base), id(w.solver), tuple(ts.tolist()), type(strength), strength, w.forward, like.shape, like.dtype,
            like.device)  # fmt: skip
@@ -460,7 +460,7 @@ def _plan(
     make = getattr(solver, "plan", None)
     plan = make(model, walk, forward, like) if make is not None else Stepping(solver, model, walk, forward)
     if key is not None:
-        base = model.model if isinstance(model, _FirstEvaluation) else model
+        base = _unwrapped(model)
         try:
             refs = weakref.ref(base), weakref.ref(base.schedule)
         except TypeError:  # a denoiser or schedule that cannot be weakly referenced is not cached
@@ -564,7 +564,8 @@ def _finite(*parts: torch.Tensor) -> bool:
 def _sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of ``x``'s elements, outside any graph, in its dtype (float32 for half precision: ``_sum_dtype``)."""
     x = x.detach() if x.requires_grad else x
-    return x.sum() if x.element_size() >= 4 else x.sum(dtype=torch.float32)
+    dtype = _sum_dtype(x)
+    return x.sum() if dtype is x.dtype else x.sum(dtype=dtype)  # (no dtype argument to parse where none is needed)
 
 
 def _sum_dtype(x: torch.Tensor) -> torch.dtype:
@@ -621,6 +622,11 @@ class _FirstEvaluation:
         return pred
 
 
+def _unwrapped(model: Denoiser) -> Denoiser:
+    """The user's denoiser behind the callback's recorder (what a kept plan belongs to)."""
+    return model.model if isinstance(model, _FirstEvaluation) else model
+
+
 def _check_model(model: object) -> None:
     schedule = getattr(model, "schedule", None)
     if not callable(model) or not isinstance(schedule, Schedule) or isinstance(model, type):
@@ -644,18 +650,21 @@ def _check_solver(solver: object) -> None:
 _SOLVER_METHODS = ("init", "step", "unstep", "amplification")
 
 
+_LEAST_LIMIT = 16.0  # the lowest default threshold, whatever the dtype (see limits)
+
+
 def limits(dtype: torch.dtype) -> tuple[float, float]:
     """The default refusal and warning thresholds of a walk's amplification for latents of ``dtype``: one rounding
     grown to 10% and to 1% of the data's scale, and at least 16 (half precision rounds each step by 0.05-0.4% anyway;
     a walk that amplifies less is as good as that precision allows)."""
     eps = torch.finfo(dtype).eps
-    refuse = max(16.0, 0.1 / eps)
-    return refuse, min(refuse, max(16.0, 0.01 / eps))
+    refuse = max(_LEAST_LIMIT, 0.1 / eps)
+    return refuse, min(refuse, max(_LEAST_LIMIT, 0.01 / eps))
 
 
 def _check_amplification(a: float, solver: Solver, forward: bool, dtype: torch.dtype, limit: float | None) -> None:
-    if limit is None and a <= 16.0:
-        return  # (every default threshold is at least 16)
+    if limit is None and a <= _LEAST_LIMIT:
+        return  # (no default threshold is below it)
     refuse, warn = limits(dtype)
     if limit is not None:
         if isinstance(limit, bool) or not isinstance(limit, int | float) or not limit >= 1:
