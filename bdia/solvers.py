@@ -241,12 +241,15 @@ class _Plan:
     step is the network call and two ``torch.add``. The first step from a lone latent (``init``) likewise. Immutable:
     one plan serves many walks and threads."""
 
-    __slots__ = ("amplification", "first", "forward", "identity", "solver", "steps", "walk")
+    __slots__ = ("amplification", "bare", "bare_from", "first", "forward", "identity", "solver", "steps", "walk")
 
     def __init__(self, solver: BDIA, model: Denoiser, walk: list[float], forward: bool, like: torch.Tensor):
         schedule = model.schedule
         prepare = getattr(model, "prepare", None) if getattr(model, "plannable", False) else None
         steps: list[tuple | None] = [None, None]
+        # the steps that are the network call and two adds (a Model's output, gamma = 1): (ready, r, out_leads, s),
+        # T = out + r front (or front + r out), then behind + s T, s signed for the walk's direction
+        bare: list[tuple | None] = [None, None]
         for j in range(2, len(walk)):
             t_prev, t, t_next = (walk[j - 2], walk[j - 1], walk[j]) if forward else (walk[j], walk[j - 1], walk[j - 2])
             g = solver.gamma.at(schedule, t_prev, t, t_next, like)
@@ -258,6 +261,7 @@ class _Plan:
                 cu, cv = fold(B, C, ready.m)
                 lead = _split(A + cu, cv, like.dtype)
             steps.append((g, t, ready, A, B, C, lead))
+            bare.append(None if lead is None else (ready, lead[1], lead[2], lead[0] if forward else -lead[0]))
         # a lone latent's first step, the integrator's, on a Model's output where it is its coefficients applied to
         # the prediction at its start (not at clean data, where the model is asked for the noise elsewhere)
         self.first = None
@@ -267,7 +271,8 @@ class _Plan:
             A, B, C = integrator.coefficients(schedule, t0, t1)
             cu, cv = fold(B, C, ready.m)
             self.first = (ready, _split(A + cu, cv, like.dtype))
-        self.solver, self.walk, self.forward, self.steps = solver, walk, forward, steps
+        self.solver, self.walk, self.forward, self.steps, self.bare = solver, walk, forward, steps, bare
+        self.bare_from = next(j for j in range(len(walk), 1, -1) if bare[j - 1] is None)  # (from here on, all are)
         self.identity = solver.identity
         times = walk if forward else walk[::-1]
         self.amplification = solver.amplification(schedule, times, forward)
@@ -304,35 +309,47 @@ class _Plan:
 
     def run(self, model: Denoiser, box: list, start: int, kw: dict[str, Any], reuse: bool, owned: tuple) -> State:
         """Steps ``start`` to the end with nothing to watch between them, from the state in ``box`` (taken out, so
-        that the walk's first latents are dropped as the walk moves on): the gamma = 1 steps on a Model are the
-        network call and ``_unit``'s two additions on the latents alone (no state per step); any other step is
-        ``step``. ``reuse``: write into the latents the walk owns and drops (``owned``: whether it owns the state's
-        two latents), through one scratch tensor. The same bits as ``step`` after ``step``."""
+        that the walk's first latents are dropped as the walk moves on). Once the steps left are all gamma = 1 steps
+        on a Model without a graph, the loop is the network call and two ``torch.add`` on the latents alone (no state
+        per step); until then each step is ``step``. ``reuse``: write into the latents the walk owns and drops
+        (``owned``: whether it owns the state's two latents), through one scratch tensor. The same bits as ``step``
+        after ``step``."""
         output = getattr(model, "output", None)
-        forward, walk, steps = self.forward, self.walk, self.steps
+        forward, walk, n = self.forward, self.walk, len(self.walk) - 1
         state = box.pop()
         x_prev, x, t_prev, t = _pair(state, self.solver).x_prev, state.x, state.t_prev, state.t
         del state
-        # (out= is refused on tensors that autograd records; without a graph every gamma = 1 step takes _unit)
-        recording = torch.is_grad_enabled()
+        # (out= is refused on tensors that autograd records: a walk with a graph steps one by one)
+        bare = output is not None and not torch.is_grad_enabled()
         owned_prev, owned_x = owned
-        scratch, into = (torch.empty_like(x) if reuse else None), None
-        for j in range(start, len(walk)):
-            entry = steps[j]
-            if entry is None or entry[6] is None or output is None or (recording and x.requires_grad):
-                mine = reuse and (owned_prev if forward else owned_x)
-                into = (scratch, x_prev if forward else x) if mine else None
-                step = self.step(model, State(x_prev, x, t_prev, t), j, kw, into)
-                x_prev, x = step.x_prev, step.x
-            else:
-                if reuse:
-                    dead = (x_prev if owned_prev else None) if forward else (x if owned_x else None)
-                    into = None if dead is None else (scratch, dead)
-                x_prev, x = _unit(forward, x_prev, x, output(x if forward else x_prev, entry[2], kw), entry[6], into)
-            t_prev, t = (t, walk[j]) if forward else (walk[j], t_prev)
-            if reuse:
-                owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
-        return State(x_prev, x, t_prev, t)
+        scratch = torch.empty_like(x) if reuse else None
+        j = start
+        while j <= n and not (bare and j >= self.bare_from and (not reuse or (owned_prev and owned_x))):
+            into = (scratch, x_prev if forward else x) if reuse and (owned_prev if forward else owned_x) else None
+            stepped = self.step(model, State(x_prev, x, t_prev, t), j, kw, into)
+            x_prev, x, t_prev, t = stepped.x_prev, stepped.x, stepped.t_prev, stepped.t
+            del stepped  # (held over the next network call, its latents would outlive the pair)
+            owned_prev, owned_x = (owned_x, True) if forward else (True, owned_prev)
+            j += 1
+        if j > n:
+            return State(x_prev, x, t_prev, t)
+        # the rest is _unit written out, in walk order: the network at the front point, T = out + r front (or
+        # front + r out), the new front behind + s T (s signed for the direction); with reuse, T goes to the scratch
+        # tensor and the new front over the point left behind
+        behind, front = (x_prev, x) if forward else (x, x_prev)
+        del x_prev, x
+        for ready, r, out_leads, s in self.bare[j:]:
+            out = output(front, ready, kw)
+            T = (
+                torch.add(out, front, alpha=r, out=scratch)
+                if out_leads
+                else torch.add(front, out, alpha=r, out=scratch)
+            )
+            del out  # (not held over the next network call)
+            behind, front = front, torch.add(behind, T, alpha=s, out=behind if reuse else T)
+        if forward:
+            return State(behind, front, walk[n - 1], walk[n])
+        return State(front, behind, walk[n], walk[n - 1])
 
 
 def _unit(
