@@ -424,7 +424,8 @@ def _kept(w: _Walk, model: Denoiser) -> tuple[tuple | None, Plan | None]:
     The key is the walk as given: the model and the solver (by identity; and the model's schedule), the grid's times,
     the strength, the direction and the latent's shape, dtype and device. A kept plan was made by a
     walk that validated all of them, so a walk that finds one skips those checks: the one cache of the walk, bounded,
-    holding no reference to the model; only for solvers whose plans stay valid (``cacheable``). ``None`` for a key
+    holding no reference to the model; only for solvers whose plans stay valid (``cacheable``, asked by ``_plan``
+    before it keeps one). ``None`` for a key
     where anything is not as a validated walk's (the walk then validates it and refuses)."""
     like = w.x.x if isinstance(w.x, State) else w.x
     ts = w.ts
@@ -433,7 +434,6 @@ def _kept(w: _Walk, model: Denoiser) -> tuple[tuple | None, Plan | None]:
         or not isinstance(ts, torch.Tensor)
         or ts.dtype is not torch.float64
         or ts.dim() != 1
-        or not getattr(w.solver, "cacheable", False)
     ):
         return None, None
     base = _unwrapped(model)
@@ -459,7 +459,9 @@ def _plan(
     next walk with the same model, solver, grid, direction and kind of latent."""
     make = getattr(solver, "plan", None)
     plan = make(model, walk, forward, like) if make is not None else Stepping(solver, model, walk, forward)
-    if key is not None:
+    # (only plans that stay valid are kept: a walk looks a key up before asking; a kept plan holds its solver, whose
+    # identity no other solver can take while it is kept)
+    if key is not None and getattr(solver, "cacheable", False):
         base = _unwrapped(model)
         try:
             refs = weakref.ref(base), weakref.ref(base.schedule)
