@@ -246,11 +246,8 @@ def _run(w: _Walk) -> State:
         _run(w._replace(grad=False, progress=False, callback=None, every_step=True))
         raise _nonfinite(walk, w.solver, state, -1, False)
     before = w.x.grid if isinstance(w.x, State) else None
-    made_by = getattr(plan, "identity", None)  # (computed once with the plan)
-    if made_by is None:
-        made_by = getattr(w.solver, "identity", None)
     walked = walk if reached == n else walk[: reached + 1]
-    return _stamp(_facing(state, forward), walked, made_by, before, on_walk=True)
+    return _stamp(_facing(state, forward), walked, _made_by(plan, w.solver), before, on_walk=True)
 
 
 _REUSE_BYTES = 1 << 22
@@ -278,7 +275,8 @@ def _begin(w: _Walk, model: Denoiser, init: bool = True) -> _Start:
     walk = plan.walk
     _check_amplification(plan.amplification, w.solver, w.forward, latent.dtype, w.max_amplification)
     if given is not None:
-        state, k = _position(given, walk, w.solver, "x (a bdia.State)")  # (validated above)
+        # (validated above; the solver's identity as the plan computed it once)
+        state, k = _position(given, walk, _made_by(plan, w.solver), "x (a bdia.State)")
         if k > 1:
             raise ValueError(
                 f"x (a bdia.State) holds times that do not continue this grid from its start: it sits at t = "
@@ -338,11 +336,12 @@ def locate(state: State, walk: list[float], solver: object | None = None, *, nam
     ``bdia.solvers.identity``), a state made by another scheme or on a grid whose recorded way ahead differs from the
     walk's (e.g. another step count of a grid family that shares its last two points).
     """
-    return _position(check_state(state, name), walk, solver, name)
+    return _position(check_state(state, name), walk, getattr(solver, "identity", None), name)
 
 
-def _position(state: State, walk: list[float], solver: object | None, name: str) -> tuple[State, int]:
-    """``locate`` of a state already validated (``check_state``), or made by the walk's own plan."""
+def _position(state: State, walk: list[float], made_by: str | None, name: str) -> tuple[State, int]:
+    """``locate`` of a state already validated (``check_state``), or made by the walk's own plan; ``made_by``: the
+    identity of the solver that is to continue it (``None``: not checked)."""
     s = _facing(state, state.t_prev > state.t)
     forward = len(walk) < 2 or walk[0] > walk[1]
     front, behind = (s.t, s.t_prev) if forward else (s.t_prev, s.t)
@@ -356,7 +355,6 @@ def _position(state: State, walk: list[float], solver: object | None, name: str)
             f"{name} holds {what}, which do not continue this grid ({_show(walk)}, in walk order; a state must hold "
             f"{where}): pass the grid that made it"
         )
-    made_by = getattr(solver, "identity", None)
     if made_by is None or state.solver is None:
         return s, k
     if made_by != state.solver:
@@ -622,6 +620,13 @@ class _FirstEvaluation:
         if self.first is None:
             self.first = (x, pred)
         return pred
+
+
+def _made_by(plan: Plan, solver: Solver) -> str | None:
+    """The identity of the solver walking ``plan``: the plan's, computed once with it (the solver's own for a plan
+    that does not carry it; a solver's ``identity`` may build its string at each call)."""
+    made_by = getattr(plan, "identity", None)
+    return getattr(solver, "identity", None) if made_by is None else made_by
 
 
 def _unwrapped(model: Denoiser) -> Denoiser:

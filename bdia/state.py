@@ -225,9 +225,10 @@ def check_state(s: State, name: str = "state") -> State:
     """Both latents must share shape, dtype and device; the times must be python floats, equal for coupled copies."""
     if not isinstance(s, State):
         raise TypeError(f"{name} must be a bdia.State, got {type(s).__name__}")
-    check_latent(s.x, f"{name}.x")
-    check_latent(s.x_prev, f"{name}.x_prev")
     older, newer = s.x_prev, s.x
+    for latent, which in ((newer, "x"), (older, "x_prev")):
+        if not (isinstance(latent, torch.Tensor) and latent.is_floating_point() and latent.dim() >= 1):
+            check_latent(latent, f"{name}.{which}")  # (raises; the name is built only then)
     if older.shape != newer.shape or older.dtype != newer.dtype or older.device != newer.device:
         for what in ("shape", "dtype", "device"):
             a, b = getattr(older, what), getattr(newer, what)
