@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import operator
 import statistics
 import time
 from pathlib import Path
@@ -278,27 +279,43 @@ def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = 
                 "x floor": v / med[(n, "torch.add (floor)")],
                 "x hand loop (min)": low[(n, name)] / low[(n, hand)],
                 "x diffusers (min)": low[(n, name)] / low[(n, diff)],
+                # each round times every candidate back to back: the median of the rounds' own ratios cancels what
+                # drifts between rounds (a shared machine's speed changes from second to second)
+                "x hand loop (paired rounds)": statistics.median(map(operator.truediv, per[(n, name)], per[(n, hand)])),
             }
         )
     fixed = []
     lo, hi = min(steps), max(steps)
+
+    def fit(d: dict, name: str) -> tuple[float, float]:
+        """Walk times T(N) = N * per step, fitted as T = fixed + N slope through the two step counts."""
+        t_lo, t_hi = d[(lo, name)] * lo, d[(hi, name)] * hi
+        slope = (t_hi - t_lo) / (hi - lo)
+        return t_lo - lo * slope, slope
+
     for name in (
         "bdia.sample, BDIA(DDIM()), default flags",
         "bdia.invert of that sample, default flags",
         CHECKED,
         hand,
     ):
+        paired = []  # each round's own fit, beyond the hand loop's in the same round
+        for r in range(repeats):
+            d = {k: v[r] for k, v in per.items()}
+            (intercept, _), (hand_intercept, hand_step) = fit(d, name), fit(d, hand)
+            paired.append((intercept - hand_intercept) / hand_step)
         for stat, d in (("median", med), ("min", low)):
-            # walk times T(N) = N * per step; fit T = fixed + N slope through the two step counts
-            t_lo, t_hi = d[(lo, name)] * lo, d[(hi, name)] * hi
-            slope = (t_hi - t_lo) / (hi - lo)
-            hand_step = (d[(hi, hand)] * hi - d[(lo, hand)] * lo) / (hi - lo)
+            (intercept, slope), (hand_intercept, hand_step) = fit(d, name), fit(d, hand)
             fixed.append(
                 {
                     "walk": name,
                     "statistic": stat,
-                    "fixed us": t_lo - lo * slope,
-                    "fixed, in hand-loop steps": (t_lo - lo * slope) / hand_step,
+                    "fixed us": intercept,
+                    "fixed, in hand-loop steps": intercept / hand_step,
+                    # the hand loop's own intercept is what any loop pays at a walk's start (its first steps run in
+                    # caches the previous candidate left cold): what a call adds once per walk is the difference
+                    "beyond the hand loop's, in its steps": (intercept - hand_intercept) / hand_step,
+                    "beyond, median of the rounds' own fits": statistics.median(paired),
                     "per step, x the hand loop's": slope / hand_step,
                 }
             )
