@@ -235,9 +235,7 @@ def _run(w: _Walk) -> State:
                         bar.update()
                     stop = after(j)
     if check is not None:
-        j = check.failed()
-        if j is not None:
-            raise check.error(j, state)
+        check.raise_if_bad(state)
     elif w.check_finite and not _finite(
         *((state.x, state.x_prev) if state.coupled else (state.x if forward else state.x_prev,))
     ):

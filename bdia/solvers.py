@@ -260,7 +260,7 @@ class _Plan:
                 # the numbers Prediction.factored computes for a Model's prediction (x, output, matrix)
                 cu, cv = fold(B, C, ready.m)
                 lead = _split(A + cu, cv, like.dtype)
-            steps.append((g, t, ready, A, B, C, lead))
+            steps.append((g, t, ready, A, B, C))
             bare.append(None if lead is None else (ready, lead[1], lead[2], lead[0] if forward else -lead[0]))
         # a lone latent's first step, the integrator's, on a Model's output where it is its coefficients applied to
         # the prediction at its start (not at clean data, where the model is asked for the noise elsewhere)
@@ -291,16 +291,18 @@ class _Plan:
         if entry is None:  # (the first step: a lone latent's was init; a given pair's continues here)
             move = self.solver.step if self.forward else self.solver.unstep
             return move(model, state, self.walk[j], **kw)
-        g, t, ready, a, b, c, lead = entry
+        g, t, ready, a, b, c = entry
         forward = self.forward
         x = _pair(state, self.solver).x if forward else state.x_prev
         if ready is None:
             F = _Drift(g, *model(x, t, **kw).factored(a, x, b, c))
         else:
             output = getattr(model, "output", None)  # (None where a Model subclass processes its prediction)
-            if lead is not None and output is not None and not x.requires_grad:
-                older, newer = _unit(forward, state.x_prev, state.x, output(x, ready, kw), lead, into)
-                return State(older, newer, *((t, self.walk[j]) if forward else (self.walk[j], t)))
+            unit = self.bare[j]
+            if unit is not None and output is not None and not x.requires_grad:
+                _, r, out_leads, s = unit
+                new = _unit(state.x_prev if forward else state.x, x, output(x, ready, kw), r, out_leads, s, into)
+                return State(x, new, t, self.walk[j]) if forward else State(new, x, self.walk[j], t)
             F = _Drift(g, *model.predict(x, ready, **kw).factored(a, x, b, c))
         dead = None if into is None else into[1]
         if forward:
@@ -333,9 +335,8 @@ class _Plan:
             j += 1
         if j > n:
             return State(x_prev, x, t_prev, t)
-        # the rest is _unit written out, in walk order: the network at the front point, T = out + r front (or
-        # front + r out), the new front behind + s T (s signed for the direction); with reuse, T goes to the scratch
-        # tensor and the new front over the point left behind
+        # the rest is _unit written out (a call per step is a tenth of a small latent's step), with reuse T going to
+        # the scratch tensor and the new front over the point left behind
         behind, front = (x_prev, x) if forward else (x, x_prev)
         del x_prev, x
         for ready, r, out_leads, s in self.bare[j:]:
@@ -353,19 +354,21 @@ class _Plan:
 
 
 def _unit(
-    forward: bool, x_prev: torch.Tensor, x: torch.Tensor, out: torch.Tensor, lead: tuple, into: tuple | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A gamma = 1 step on a Model's output as ``F = s T``, ``T = out + r x`` (or ``x + r out``: ``lead``), then
-    ``x_next = x_prev + s T`` (sampling) or ``x_prev = x_next - s T`` (inverting): two ``torch.add``. ``into``:
-    ``(scratch, dead)``, where ``T`` and the result may go. Returns the new pair (sampling orientation)."""
-    s, r, out_leads = lead
+    behind: torch.Tensor,
+    front: torch.Tensor,
+    out: torch.Tensor,
+    r: float,
+    out_leads: bool,
+    s: float,
+    into: tuple | None,
+) -> torch.Tensor:
+    """A gamma = 1 step on a Model's output, in walk order: ``T = out + r front`` (``out_leads``; else
+    ``front + r out``), then the new front ``behind + s T`` (``s`` signed for the walk's direction: sampling's
+    ``x_next = x_prev + s T``, inverting's ``x_prev = x_next - s T``); two ``torch.add``. ``into``: ``(scratch,
+    dead)``, where ``T`` and the result may go."""
     scratch, dead = (None, None) if into is None else into
-    front = x if forward else x_prev
     T = torch.add(out, front, alpha=r, out=scratch) if out_leads else torch.add(front, out, alpha=r, out=scratch)
-    result = T if dead is None else dead
-    if forward:
-        return x, torch.add(x_prev, T, alpha=s, out=result)
-    return torch.add(x, T, alpha=-s, out=result), x_prev
+    return torch.add(behind, T, alpha=s, out=T if dead is None else dead)
 
 
 def _split(a: float, b: float, dtype: torch.dtype) -> tuple[float, float, bool] | None:
