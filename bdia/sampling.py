@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from bdia.models import Denoiser, Prediction, Prepared
 from bdia.protocols import Plan, Solver, Stepping
 from bdia.schedules import Schedule, check_grid
-from bdia.state import State, check_latent, check_state
+from bdia.state import State, _seal, _sealed, check_latent, check_state
 
 __all__ = ["Step", "check", "cut", "invert", "limits", "locate", "sample", "stamp"]
 
@@ -245,7 +245,9 @@ def _run(w: _Walk) -> State:
         raise _nonfinite(walk, w.solver, state, -1, False)
     before = w.x.grid if isinstance(w.x, State) else None
     walked = walk if reached == n else walk[: reached + 1]
-    return _stamp(_facing(state, forward), walked, _made_by(plan, w.solver), before, on_walk=True)
+    made = _stamp(_facing(state, forward), walked, _made_by(plan, w.solver), before, on_walk=True)
+    # (a walk that showed its latents to no one and found them finite vouches for the state it returns)
+    return _seal(made) if w.check_finite and recorder is None and type(made) is State else made
 
 
 _REUSE_BYTES = 1 << 22
@@ -265,8 +267,14 @@ def _begin(w: _Walk, model: Denoiser, init: bool = True) -> _Start:
         grid = cut(check_grid(w.ts, model.schedule), w.strength)
         walk = grid if w.forward else grid[::-1]
     given = w.x if isinstance(w.x, State) else None
-    latent = check_state(given, "x").x if given is not None else check_latent(w.x)
-    if w.check_finite and not _finite(*([given.x_prev, given.x] if given is not None else [latent])):
+    # (a state that a checked walk made, unchanged since, passed these checks when it was made; a replay repeats
+    # them, to name a bad input: state._seal)
+    sealed = given is not None and w.every_step is None and _sealed(given)
+    if given is None:
+        latent = check_latent(w.x)
+    else:
+        latent = (given if sealed else check_state(given, "x")).x
+    if w.check_finite and not sealed and not _finite(*([given.x_prev, given.x] if given is not None else [latent])):
         raise FloatingPointError("non-finite values (NaN or inf) in the input x")
     if plan is None:
         plan = _plan(model, w.solver, walk, w.forward, latent, key)

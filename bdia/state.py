@@ -72,6 +72,10 @@ class State:
         super().__init_subclass__(**kw)
         State._kinds[cls.__name__] = cls
 
+    def __getstate__(self) -> dict[str, Any]:
+        # (a copy or an unpickled state holds other tensors: the seal of the walk that made this one stays here)
+        return {k: v for k, v in self.__dict__.items() if k != "_sealed"}
+
     def flipped(self) -> State:
         """The same state seen from the other direction of travel (coupled copies have no direction)."""
         if self.coupled:
@@ -260,6 +264,24 @@ def check_state(s: State, name: str = "state") -> State:
     if s.solver is not None and not isinstance(s.solver, str):
         raise TypeError(f"{name}.solver must be None or a str (bdia.solvers.identity), got {type(s.solver).__name__}")
     return s
+
+
+def _seal(state: State) -> State:
+    """Mark ``state``, just made by a walk that checked it (``check_finite``, no callback), as valid and finite.
+
+    Such a state's fields are valid by construction and its latents were found finite, so a walk continuing it need
+    not repeat ``check_state`` and the input's reductions. The mark holds while both latents keep the version that
+    every in-place operation on a tensor (or a view of it) bumps; ``replace``, ``to``, copies and pickles make
+    unmarked states. (A write that bypasses the version counter, through ``.data`` or numpy, is found by the finite
+    check at the end of the walk, whose replay checks its input again.)"""
+    state.__dict__["_sealed"] = (state.x._version, state.x_prev._version)
+    return state
+
+
+def _sealed(state: State) -> bool:
+    """Whether ``state`` is as the walk that sealed it (``_seal``) left it."""
+    seal = state.__dict__.get("_sealed")
+    return seal is not None and seal == (state.x._version, state.x_prev._version)
 
 
 def _pair(state: State, solver: object) -> State:

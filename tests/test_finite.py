@@ -144,3 +144,61 @@ def test_the_check_is_deferred_only_for_solvers_that_declare_it():
     for solver in (EveryStep(BDIA()), Exact(BDIA())):
         assert FiniteCheck.every_step(solver)
     assert FiniteCheck(ts, BDIA(), like).sums.shape == (6, 2)  # one row of sums per grid point
+
+
+def _sealed_sample():
+    """A state a checked walk made and a model counting its calls: what an inversion continues."""
+    calls = []
+
+    def net(x, t):
+        calls.append(float(t[0]))
+        return 0.1 * x
+
+    model, ts = Model(net, schedule("sd")), grid("sd", 5, 0)
+    state = bdia.sample(model, torch.linspace(-1.0, 1.0, 8).reshape(2, 4), ts, BDIA())
+    calls.clear()
+    return model, ts, state, calls
+
+
+@pytest.mark.parametrize("which", ["x", "x_prev"])
+@pytest.mark.parametrize("how", ["in place", "in place through a view"])
+def test_a_state_edited_since_its_walk_is_checked_again(which, how):
+    """A walk's result skips the input checks only while its latents are as the walk left it: an in-place edit (of the
+    tensor or of a view, which share its version counter) is refused before any network call."""
+    model, ts, state, calls = _sealed_sample()
+    latent = getattr(state, which)
+    (latent if how == "in place" else latent.view(-1)[3:5]).fill_(math.nan)
+    with pytest.raises(FloatingPointError, match="in the input x"):
+        bdia.invert(model, state, ts, BDIA())
+    assert calls == []
+
+
+def test_a_state_edited_behind_the_version_counter_is_named_after_its_walk():
+    """A write that no version counter sees (through ``.data``) is found by the walk's final check, whose replay
+    checks the input again and names it."""
+    model, ts, state, calls = _sealed_sample()
+    state.x_prev.data.view(-1)[2] = math.inf
+    with pytest.raises(FloatingPointError, match="in the input x"):
+        bdia.invert(model, state, ts, BDIA())
+    assert len(calls) == 4  # the walk's four steps from the pair; its replay refused the input before any
+
+
+def test_only_an_unwatched_checked_walk_vouches_for_its_state():
+    """A walk with ``check_finite=False`` or with a callback (which sees, and may edit, the latents) returns a state
+    that the next walk checks in full; ``replace``, ``to``, copies and pickles make states checked in full."""
+    import copy
+    import pickle
+
+    from bdia.state import _sealed
+
+    model, ts, state, _ = _sealed_sample()
+    x = torch.linspace(-1.0, 1.0, 8).reshape(2, 4)
+    assert _sealed(state) and _sealed(bdia.invert(model, state, ts, BDIA()))
+    assert not _sealed(bdia.sample(model, x, ts, BDIA(), check_finite=False))
+    assert not _sealed(bdia.sample(model, x, ts, BDIA(), callback=lambda step: None))
+    for made in (state.replace(), state.to(torch.float64), copy.copy(state), pickle.loads(pickle.dumps(state))):
+        assert not _sealed(made)
+    # and the checks it skips change no bits
+    again = bdia.invert(model, state.replace(), ts, BDIA())
+    skipped = bdia.invert(model, state, ts, BDIA())
+    assert torch.equal(again.x, skipped.x) and torch.equal(again.x_prev, skipped.x_prev)
