@@ -273,8 +273,12 @@ def _seal(state: State) -> State:
     not repeat ``check_state`` and the input's reductions. The mark holds while both latents keep the version that
     every in-place operation on a tensor (or a view of it) bumps; ``replace``, ``to``, copies and pickles make
     unmarked states. (A write that bypasses the version counter, through ``.data`` or numpy, is found by the finite
-    check at the end of the walk, whose replay checks its input again.)"""
-    state.__dict__["_sealed"] = (state.x._version, state.x_prev._version)
+    check at the end of the walk, whose replay checks its input again.) Inference tensors (made under
+    ``torch.inference_mode``) keep no version counter and can be edited in place unseen, so their states stay
+    unmarked and are checked again by every walk."""
+    x, x_prev = state.x, state.x_prev
+    if not (x.is_inference() or x_prev.is_inference()):
+        state.__dict__["_sealed"] = (x._version, x_prev._version)
     return state
 
 

@@ -202,3 +202,19 @@ def test_only_an_unwatched_checked_walk_vouches_for_its_state():
     again = bdia.invert(model, state.replace(), ts, BDIA())
     skipped = bdia.invert(model, state, ts, BDIA())
     assert torch.equal(again.x, skipped.x) and torch.equal(again.x_prev, skipped.x_prev)
+
+
+def test_a_walk_under_inference_mode_is_checked_again():
+    """Inference tensors keep no version counter, so an edit in place inside ``torch.inference_mode`` is invisible to
+    the mark: a state walked there is not vouched for, and the next walk refuses its edited input before any call."""
+    from bdia.state import _sealed
+
+    model, ts, _, calls = _sealed_sample()
+    with torch.inference_mode():
+        state = bdia.sample(model, torch.linspace(-1.0, 1.0, 8).reshape(2, 4), ts, BDIA())
+        assert not _sealed(state)
+        state.x.view(-1)[1] = math.nan
+        calls.clear()
+        with pytest.raises(FloatingPointError, match="in the input x"):
+            bdia.invert(model, state, ts, BDIA())
+    assert calls == []
