@@ -417,7 +417,7 @@ def _show(times: list[float]) -> str:
 
 # ---------------------------------------------------------------------------------------------------- plans
 
-_PLANS: OrderedDict[tuple, tuple[weakref.ref, weakref.ref, Plan]] = OrderedDict()
+_PLANS: OrderedDict[tuple, tuple[weakref.ref, weakref.ref, Solver, Plan]] = OrderedDict()
 _PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 32
 
@@ -445,15 +445,15 @@ def _kept(w: _Walk, model: Denoiser) -> tuple[tuple | None, Plan | None]:
     key = (id(base), id(w.solver), tuple(ts.tolist()), type(strength), strength, w.forward, like.shape, like.dtype,
            like.device)  # fmt: skip
     hit = _PLANS.get(key)  # (reads need no lock: one dict operation each; writers hold it)
+    # (the entry holds the solver, so no other object has its id while it is kept; the model and its schedule it
+    # holds weakly, and an id may then be a newer object's)
     if hit is None or hit[0]() is not base or hit[1]() is not getattr(base, "schedule", None):
-        return key, None
-    if hit[2].solver is not w.solver:
         return key, None
     try:
         _PLANS.move_to_end(key)
     except KeyError:  # (another thread has just dropped it)
         pass
-    return key, hit[2]
+    return key, hit[3]
 
 
 def _plan(
@@ -463,8 +463,7 @@ def _plan(
     next walk with the same model, solver, grid, direction and kind of latent."""
     make = getattr(solver, "plan", None)
     plan = make(model, walk, forward, like) if make is not None else Stepping(solver, model, walk, forward)
-    # (only plans that stay valid are kept: a walk looks a key up before asking; a kept plan holds its solver, whose
-    # identity no other solver can take while it is kept)
+    # (only plans that stay valid are kept: a walk looks a key up before asking)
     if key is not None and getattr(solver, "cacheable", False):
         base = _unwrapped(model)
         try:
@@ -472,7 +471,7 @@ def _plan(
         except TypeError:  # a denoiser or schedule that cannot be weakly referenced is not cached
             return plan
         with _PLANS_LOCK:
-            _PLANS[key] = (*refs, plan)
+            _PLANS[key] = (*refs, solver, plan)
             while len(_PLANS) > _MAX_PLANS:
                 _PLANS.popitem(last=False)
     return plan
@@ -560,18 +559,15 @@ def _nonfinite(walk: list[float], solver: object, state: State, j: int, replayed
 
 def _finite(*parts: torch.Tensor) -> bool:
     """Whether every element of ``parts`` is finite, read through one sum of sums (NaN or inf in any element makes
-    it non-finite): one reduction per tensor, no full-size boolean temporary, one host sync."""
-    total = _sum(parts[0])
-    for p in parts[1:]:
-        total = total + _sum(p)
+    it non-finite): one reduction per tensor, outside any graph, in its dtype (float32 for half precision:
+    ``_sum_dtype``), no full-size boolean temporary, one host sync."""
+    total = None
+    for x in parts:
+        x = x.detach() if x.requires_grad else x
+        dtype = _sum_dtype(x)
+        part = x.sum() if dtype is x.dtype else x.sum(dtype=dtype)  # (no dtype argument to parse where none is needed)
+        total = part if total is None else total + part
     return math.isfinite(float(total))
-
-
-def _sum(x: torch.Tensor) -> torch.Tensor:
-    """The sum of ``x``'s elements, outside any graph, in its dtype (float32 for half precision: ``_sum_dtype``)."""
-    x = x.detach() if x.requires_grad else x
-    dtype = _sum_dtype(x)
-    return x.sum() if dtype is x.dtype else x.sum(dtype=dtype)  # (no dtype argument to parse where none is needed)
 
 
 def _sum_dtype(x: torch.Tensor) -> torch.dtype:
