@@ -202,6 +202,14 @@ CHECKED = "hand loop + the finite checks: a sum of the input before, of the resu
 
 
 def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = (20, 50), device: str = "cpu") -> dict:
+    """``_default_path`` as users call it: outside inference mode (the rest of the benchmark runs inside it), with
+    autograd's default mode (enabled; the walk turns the graph off itself), so the states it returns are tensors
+    with version counters, as a user's are."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _default_path(repeats, shape, steps, device)
+
+
+def _default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...], device: str) -> dict:
     """What users call, flags untouched: ``bdia.sample(model, x, ts, BDIA(DDIM()))`` and ``bdia.invert`` of its
     result, with a free model (a network that returns a stored tensor), per step, against the hand-written loop
     (``_hand_loop``: the network and two ``torch.add`` a step), diffusers' ``DDIMScheduler.step`` looped over the
