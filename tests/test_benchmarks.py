@@ -208,3 +208,23 @@ def test_the_gpu_command_runs_dry_on_the_cpu(tmp_path):
     rows = {r["dtype"]: r for r in out["sd15_unet"]["rows"]}
     assert rows["float32"]["round trip (noise -> sample -> invert)"] < 1e-4
     assert gpu.sd15_unet_config()["block_out_channels"] == (320, 640, 1280, 1280)
+
+
+def test_the_default_path_is_timed_as_users_call_it(monkeypatch):
+    """The speed benchmark runs inside ``torch.inference_mode``; its default-path candidates must not: a user's call
+    runs with autograd in its default mode, and returns states whose latents carry version counters (what lets the
+    inversion that follows skip re-validating them)."""
+    pytest.importorskip("diffusers")
+    import bdia
+
+    seen = []
+    real = bdia.invert
+
+    def invert(model, x, *args, **kwargs):
+        seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled(), x.x.is_inference()))
+        return real(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(bdia, "invert", invert)
+    with torch.inference_mode():
+        speed.default_path(repeats=1, shape=(1, 2, 4, 4), steps=(3, 5))
+    assert seen and set(seen) == {(False, True, False)}
