@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import random
 import statistics
 import tempfile
 import time
@@ -140,14 +141,19 @@ def loglog_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx > 0 else math.nan
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, inner: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, inner: int = 1, seed: int = 0
+) -> dict[str, list[float]]:
     """Wall time per call (seconds) of each function, measured round-robin so that drifts in machine load
-    hit every candidate alike: ``repeats`` rounds, each timing ``inner`` back-to-back calls of each. The
-    order rotates from round to round, so no candidate always runs right after the same other one."""
+    hit every candidate alike: ``repeats`` rounds, each timing ``inner`` back-to-back calls of each. Each round
+    runs the candidates in a fresh random order (seeded by ``seed``): a candidate's time depends on the caches
+    and the heap that the one before it left, and a fixed or merely rotated order (which keeps every
+    candidate's predecessor) would charge that to the same candidate in every round."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    order = random.Random(seed)
+    for _ in range(repeats):
+        for name in order.sample(names, len(names)):
             fn = fns[name]
             t0 = time.perf_counter()
             for _ in range(inner):

@@ -555,7 +555,7 @@ def _run_cuda(quick: bool, results_dir: Path, device: str) -> dict:
     t0 = time.perf_counter()
     name = torch.cuda.get_device_name(torch.device(device))
     default = [
-        default_path(repeats=3 if quick else 41, shape=shape, steps=(3, 5) if quick else (20, 50), device=device)
+        default_path(repeats=3 if quick else 101, shape=shape, steps=(3, 5) if quick else (20, 50), device=device)
         for shape in ((4, 4, 64, 64), (1, 16, 128, 128), (16, 4, 128, 128))
     ]
     for d in default:
@@ -589,7 +589,7 @@ def _run(quick: bool, results_dir: Path, img_dir: Path) -> dict:
         big = per_step(repeats=15, inner=5, shape=(16, 4, 128, 128))
         print_table(big["rows"], f"Per step, {big['shape']} float32, model excluded (median of interleaved rounds)")
     default = [
-        default_path(repeats=3 if quick else 41, shape=shape, steps=(3, 5) if quick else (20, 50))
+        default_path(repeats=3 if quick else 101, shape=shape, steps=(3, 5) if quick else (20, 50))
         for shape in ((4, 4, 64, 64), (1, 16, 128, 128))
     ]
     for d in default:

@@ -228,3 +228,22 @@ def test_the_default_path_is_timed_as_users_call_it(monkeypatch):
     with torch.inference_mode():
         speed.default_path(repeats=1, shape=(1, 2, 4, 4), steps=(3, 5))
     assert seen and set(seen) == {(False, True, False)}
+
+
+def test_interleaved_rounds_vary_each_candidates_predecessor():
+    """A candidate's time depends on what ran before it (caches, heap): over the rounds each one must follow every
+    other, so that no neighbour's effect is charged to it alone; and each round times each candidate once."""
+    from benchmarks import interleaved
+
+    calls: list[str] = []
+    names = [f"c{i}" for i in range(6)]
+    times = interleaved({n: (lambda n=n: calls.append(n)) for n in names}, repeats=60, inner=2)
+    assert all(len(times[n]) == 60 for n in names)
+    rounds = [calls[i : i + 12 : 2] for i in range(0, len(calls), 12)]
+    assert all(sorted(r) == names for r in rounds)
+    before = {n: {r[r.index(n) - 1] for r in rounds if r.index(n) > 0} for n in names}
+    assert all(before[n] == set(names) - {n} for n in names), before
+    # seeded: the same order again
+    again: list[str] = []
+    interleaved({n: (lambda n=n: again.append(n)) for n in names}, repeats=60, inner=2)
+    assert again == calls
