@@ -165,11 +165,13 @@ def per_step(repeats: int, inner: int, shape: tuple[int, ...] = (4, 4, 64, 64)) 
     }
 
 
-def _hand_loop(x: torch.Tensor, net, times: list[float], like: torch.Tensor):
+def _hand_loop(x: torch.Tensor, net, times: list[float], like: torch.Tensor, *, validated: bool = False):
     """The least a BDIA-DDIM walk can be in eager PyTorch: per step the network call with a time tensor built before
     the walk, then the two ``torch.add`` of ``x_prev + s (out + r x)`` with the coefficients computed before the walk
     (the first step, from a lone latent, a plain DDIM step: one add and one multiply). No validation, no state object,
-    no checks. Returns the walk as a function of nothing, and the coefficients it uses."""
+    no checks. ``validated``: the network is called through ``Model.output``, which checks each output (a tensor of
+    the latent's shape and dtype) and the time tensor (not edited in place): the per-step checks of a walk. Returns
+    the walk as a function of nothing."""
     model = Model(net, SD, "epsilon")
     solver = BDIA(DDIM())
     ready = [model.prepare(t, like) for t in times]
@@ -188,7 +190,19 @@ def _hand_loop(x: torch.Tensor, net, times: list[float], like: torch.Tensor):
             x_prev, z = z, torch.add(x_prev, T, alpha=s, out=T)
         return z
 
-    return walk
+    # (a loop of its own rather than a branch in the one above, which stays the bare floor)
+    output, kw, prepared = model.output, {}, [(ready[j - 1], r, s) for j, (_, r, s) in enumerate(steps, start=2)]
+
+    def validated_walk() -> torch.Tensor:
+        out = output(x, ready[0], kw)
+        x_prev, z = x, torch.add(out, x, alpha=r0).mul_(s0)
+        for rd, r, s in prepared:
+            out = output(z, rd, kw)
+            T = torch.add(out, z, alpha=r)
+            x_prev, z = z, torch.add(x_prev, T, alpha=s, out=T)
+        return z
+
+    return validated_walk if validated else walk
 
 
 def _split(A: float, B: float, C: float, m: tuple) -> tuple[float, float]:
@@ -199,6 +213,7 @@ def _split(A: float, B: float, C: float, m: tuple) -> tuple[float, float]:
 
 
 CHECKED = "hand loop + the finite checks: a sum of the input before, of the result after"
+VALIDATED = "checked hand loop + each network output checked (Model.output)"
 
 
 def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = (20, 50), device: str = "cpu") -> dict:
@@ -214,7 +229,9 @@ def _default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...], 
     result, with a free model (a network that returns a stored tensor), per step, against the hand-written loop
     (``_hand_loop``: the network and two ``torch.add`` a step), diffusers' ``DDIMScheduler.step`` looped over the
     same grid, the hand loop with the two reductions of the default finite check (``CHECKED``: the least a checked
-    walk can cost) and ``torch.add`` (the floor: one pass over memory, one allocation), all interleaved in one run, at
+    walk can cost), that loop with each network output checked by ``Model.output`` as a walk checks it
+    (``VALIDATED``: the least a walk with every check can cost) and ``torch.add`` (the floor: one pass over memory,
+    one allocation), all interleaved in one run, at
     two step counts. The per-walk fixed cost of a call is what its walk time keeps at zero steps, fitted from the two
     step counts (``T(N) = fixed + N per_step``), in steps of the hand loop."""
     from diffusers import DDIMScheduler
@@ -261,6 +278,18 @@ def _default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...], 
                 raise FloatingPointError("result")
 
         fns[(n, CHECKED)] = checked
+        validated = _hand_loop(x, net, grid.tolist(), x, validated=True)
+        if not torch.equal(validated(), by_hand()):
+            raise AssertionError("the validated hand loop does not compute the hand loop's walk")
+
+        def all_checks(validated=validated) -> None:
+            """The checked hand loop with the per-step check of a walk: the least a walk with every check can cost."""
+            if not math.isfinite(float(x.sum())):
+                raise FloatingPointError("input")
+            if not math.isfinite(float(validated().sum())):
+                raise FloatingPointError("result")
+
+        fns[(n, VALIDATED)] = all_checks
         fns[(n, "bdia.sample, BDIA(DDIM()), default flags")] = lambda grid=grid: bdia.sample(model, x, grid, solver)
         fns[(n, "bdia.invert of that sample, default flags")] = lambda grid=grid, s=sampled: bdia.invert(
             model, s, grid, solver
@@ -305,6 +334,7 @@ def _default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...], 
         "bdia.sample, BDIA(DDIM()), default flags",
         "bdia.invert of that sample, default flags",
         CHECKED,
+        VALIDATED,
         hand,
     ):
         paired = []  # each round's own fit, beyond the hand loop's in the same round

@@ -105,7 +105,8 @@ def test_speed_quick_through_the_command_line(tmp_path, capsys):
     for d in data["default_path"]:  # the default calls, flags untouched, at both pinned sizes and two step counts
         names = {r["per step"] for r in d["rows"]}
         assert names >= {"bdia.sample, BDIA(DDIM()), default flags", "bdia.invert of that sample, default flags"}
-        assert {r["walk"] for r in d["fixed"]} >= {"bdia.sample, BDIA(DDIM()), default flags"}
+        assert names >= {speed.CHECKED, speed.VALIDATED}
+        assert {r["walk"] for r in d["fixed"]} >= {"bdia.sample, BDIA(DDIM()), default flags", speed.VALIDATED}
         assert all(math.isfinite(r["fixed us"]) for r in d["fixed"])
     assert [d["shape"] for d in data["default_path"]] == [[4, 4, 64, 64], [1, 16, 128, 128]]
     assert len(data["compiled"]["rows"]) == 2
@@ -247,3 +248,18 @@ def test_interleaved_rounds_vary_each_candidates_predecessor():
     again: list[str] = []
     interleaved({n: (lambda n=n: again.append(n)) for n in names}, repeats=60, inner=2)
     assert again == calls
+
+
+def test_the_validated_hand_loop_checks_each_output_as_a_walk_does():
+    """The floor with every check calls the network through Model.output: a network whose output would broadcast
+    silently in the bare loop is named there, as a walk names it; with a good network both loops give the same bits."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    grid = speed.SD.timesteps(5, "leading", steps_offset=1).tolist()
+    good, bad = torch.randn_like(x), torch.randn(2, 1, 4, 4)
+    assert torch.equal(
+        speed._hand_loop(x, lambda z, t: good, grid, x, validated=True)(),
+        speed._hand_loop(x, lambda z, t: good, grid, x)(),
+    )
+    assert speed._hand_loop(x, lambda z, t: bad, grid, x)().shape == x.shape  # (broadcast: nothing noticed)
+    with pytest.raises(ValueError, match="net output must be a tensor shaped like x"):
+        speed._hand_loop(x, lambda z, t: bad, grid, x, validated=True)()
