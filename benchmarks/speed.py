@@ -23,6 +23,7 @@ import math
 import operator
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -176,10 +177,12 @@ def _hand_loop(x: torch.Tensor, net, times: list[float], like: torch.Tensor, *, 
     solver = BDIA(DDIM())
     ready = [model.prepare(t, like) for t in times]
     A, B, C = DDIM().coefficients(SD, times[0], times[1])
-    (r0, s0), steps = _split(A, B, C, ready[0].m), []
+    (r0, s0), steps, prepared = _split(A, B, C, ready[0].m), [], []
     for j in range(2, len(times)):
         A, B, C = solver.coefficients(SD, times[j - 2], times[j - 1], times[j], 1.0)
-        steps.append((ready[j - 1].times, *_split(A, B, C, ready[j - 1].m)))
+        r, s = _split(A, B, C, ready[j - 1].m)
+        steps.append((ready[j - 1].times, r, s))
+        prepared.append((ready[j - 1], r, s))
 
     def walk() -> torch.Tensor:
         out = net(x, ready[0].times)
@@ -191,7 +194,7 @@ def _hand_loop(x: torch.Tensor, net, times: list[float], like: torch.Tensor, *, 
         return z
 
     # (a loop of its own rather than a branch in the one above, which stays the bare floor)
-    output, kw, prepared = model.output, {}, [(ready[j - 1], r, s) for j, (_, r, s) in enumerate(steps, start=2)]
+    output, kw = model.output, {}
 
     def validated_walk() -> torch.Tensor:
         out = output(x, ready[0], kw)
@@ -216,6 +219,19 @@ CHECKED = "hand loop + the finite checks: a sum of the input before, of the resu
 VALIDATED = "checked hand loop + each network output checked (Model.output)"
 
 
+def _finite_checked(x: torch.Tensor, walk: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """``walk`` from ``x`` with the checks a default walk promises: the input's sum before any network call, the
+    result's after (the least a walk with ``check_finite`` can cost)."""
+
+    def checked() -> None:
+        if not math.isfinite(float(x.sum())):
+            raise FloatingPointError("input")
+        if not math.isfinite(float(walk().sum())):
+            raise FloatingPointError("result")
+
+    return checked
+
+
 def default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...] = (20, 50), device: str = "cpu") -> dict:
     """``_default_path`` as users call it: outside inference mode (the rest of the benchmark runs inside it), with
     autograd's default mode (enabled; the walk turns the graph off itself), so the states it returns are tensors
@@ -231,9 +247,9 @@ def _default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...], 
     same grid, the hand loop with the two reductions of the default finite check (``CHECKED``: the least a checked
     walk can cost), that loop with each network output checked by ``Model.output`` as a walk checks it
     (``VALIDATED``: the least a walk with every check can cost) and ``torch.add`` (the floor: one pass over memory,
-    one allocation), all interleaved in one run, at
-    two step counts. The per-walk fixed cost of a call is what its walk time keeps at zero steps, fitted from the two
-    step counts (``T(N) = fixed + N per_step``), in steps of the hand loop."""
+    one allocation), all interleaved in one run, at two step counts. The per-walk fixed cost of a call is what its
+    walk time keeps at zero steps, fitted from the two step counts (``T(N) = fixed + N per_step``), in steps of the
+    hand loop."""
     from diffusers import DDIMScheduler
 
     g = torch.Generator().manual_seed(0)
@@ -269,27 +285,11 @@ def _default_path(repeats: int, shape: tuple[int, ...], steps: tuple[int, ...], 
         fns[(n, "diffusers DDIMScheduler.step")] = diffusers_loop
         fns[(n, "hand-written loop: the network, two torch.add")] = by_hand
 
-        def checked(by_hand=by_hand) -> None:
-            """The hand loop with the checks a default walk promises: the input's sum before any network call, the
-            result's after (the least a walk with ``check_finite`` can cost)."""
-            if not math.isfinite(float(x.sum())):
-                raise FloatingPointError("input")
-            if not math.isfinite(float(by_hand().sum())):
-                raise FloatingPointError("result")
-
-        fns[(n, CHECKED)] = checked
+        fns[(n, CHECKED)] = _finite_checked(x, by_hand)
         validated = _hand_loop(x, net, grid.tolist(), x, validated=True)
         if not torch.equal(validated(), by_hand()):
             raise AssertionError("the validated hand loop does not compute the hand loop's walk")
-
-        def all_checks(validated=validated) -> None:
-            """The checked hand loop with the per-step check of a walk: the least a walk with every check can cost."""
-            if not math.isfinite(float(x.sum())):
-                raise FloatingPointError("input")
-            if not math.isfinite(float(validated().sum())):
-                raise FloatingPointError("result")
-
-        fns[(n, VALIDATED)] = all_checks
+        fns[(n, VALIDATED)] = _finite_checked(x, validated)
         fns[(n, "bdia.sample, BDIA(DDIM()), default flags")] = lambda grid=grid: bdia.sample(model, x, grid, solver)
         fns[(n, "bdia.invert of that sample, default flags")] = lambda grid=grid, s=sampled: bdia.invert(
             model, s, grid, solver
